@@ -1,0 +1,3 @@
+from astrid.cli import main
+
+main()
