@@ -8,6 +8,7 @@ and collects the metadata that differencing needs from the keywords of the commo
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 import re
 import warnings
@@ -104,7 +105,7 @@ def read_image(path: str | os.PathLike, *, require_wcs: bool = False,
                 data, mask = _to_float32(raw, header)
     except InputFileError:
         raise
-    except (OSError, EOFError, gzip.BadGzipFile, ValueError, TypeError, Warning) as exc:
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, Warning) as exc:
         raise InputFileError(path, _describe_read_failure(exc)) from None
 
     wcs = celestial_wcs(header)
@@ -126,7 +127,7 @@ def _describe_read_failure(exc: BaseException) -> str:
         return f"truncated FITS file ({text})"
     if "empty or corrupt" in lowered or "no simple card" in lowered or "not a fits" in lowered:
         return "not a FITS file (no valid FITS header)"
-    if isinstance(exc, gzip.BadGzipFile) or "gzip" in lowered:
+    if isinstance(exc, gzip.BadGzipFile | zlib.error) or "gzip" in lowered or "decompress" in lowered:
         return f"corrupt gzip compression ({text})"
     return f"cannot read FITS ({text})"
 
@@ -249,6 +250,9 @@ def _clean_filter(value: str) -> str:
     value = value.strip()
     value = re.sub(r"^ZTF_", "", value)  # ZTF writes 'ZTF_r'
     value = re.sub(r"\.0+$", "", value)  # PS1 writes 'r.00000'
+    first, _, rest = value.partition(" ")
+    if rest and len(first) <= 2:  # DECam writes 'i DECam SDSS c0003 7835.0 1470'
+        return first
     return value
 
 

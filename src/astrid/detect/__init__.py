@@ -1,0 +1,1 @@
+"""Candidate detection on S_corr, triplet stamps and fake injection."""
