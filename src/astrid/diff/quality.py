@@ -1,0 +1,132 @@
+"""Quality figures of a difference: noise ratios in empty sky and residual chi^2 at stars.
+
+* ``noise_ratio``: robust std (1.4826 MAD) of S_corr in source-free, unmasked pixels; 1 when
+  the noise model is right. The same figure for D is reported as ``noise_ratio_diff``.
+* ``star_residual_chi2``: chi^2 per pixel of D in PSF-sized apertures at reference stars, with
+  the expected variance of D at each pixel including the stars' own Poisson noise
+  (V(D) = V_n (x) kd_n^2 + V_r (x) kd_r^2); about 1 when stars subtract to the noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.signal import fftconvolve
+
+from astrid.diff.zogy_core import diff_kernels
+
+_ROBUST = 1.4826  # MAD -> sigma for a Gaussian
+
+
+def robust_std(values: np.ndarray) -> float:
+    """1.4826 x median absolute deviation of the finite values (NaN if none)."""
+    v = np.asarray(values, float).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan")
+    return float(_ROBUST * np.median(np.abs(v - np.median(v))))
+
+
+def source_free(sci: np.ndarray, ref: np.ndarray, sigma_sci: float, sigma_ref: float, *,
+                thresh_sigma: float = 3.0, grow_px: int = 8, bin_px: int = 4) -> np.ndarray:
+    """Boolean map (binned by ``bin_px``) of bins away from sources in either image.
+
+    Sources are ``bin_px`` x ``bin_px`` sums above ``thresh_sigma`` times their noise, grown by
+    ``grow_px``. The binning smooths the noise, so few bins are flagged by noise alone: a
+    low threshold on unbinned pixels would drop the upward noise peaks that S_corr shares with
+    the science image and bias the measured noise low. Returns ``(H // bin_px, W // bin_px)``.
+    """
+    h, w = (sci.shape[0] // bin_px) * bin_px, (sci.shape[1] // bin_px) * bin_px
+
+    def binned(a):
+        a = np.nan_to_num(a[:h, :w], nan=0.0)
+        return a.reshape(h // bin_px, bin_px, w // bin_px, bin_px).sum(axis=(1, 3))
+
+    sources = np.zeros((h // bin_px, w // bin_px), bool)
+    for img, sigma in ((sci, sigma_sci), (ref, sigma_ref)):
+        b = binned(img)
+        # The binned noise is measured, not assumed: correlated noise (stacks, resampled
+        # images) makes it larger than bin_px * sigma.
+        noise = max(robust_std(b[::2, ::2]), sigma * bin_px)
+        sources |= b > thresh_sigma * noise
+    grow = max(1, int(np.ceil(grow_px / bin_px)))
+    sources = ndimage.maximum_filter(sources.view(np.uint8), size=2 * grow + 1).view(bool)
+    return ~sources
+
+
+def noise_ratios(scorr: np.ndarray, diff: np.ndarray, mask: np.ndarray, free: np.ndarray,
+                 bin_px: int = 4, stride_px: int = 2) -> tuple[float, float, int]:
+    """Robust std of S_corr and of D over source-free, unmasked pixels.
+
+    ``free`` comes from :func:`source_free` with the same ``bin_px``; every ``stride_px``-th
+    pixel of the free bins is used. Returns ``(noise_ratio_scorr, noise_ratio_diff, n_pixels)``.
+    """
+    hb, wb = free.shape
+    rep = bin_px // stride_px
+    use = np.repeat(np.repeat(free, rep, axis=0), rep, axis=1)
+    sub = np.s_[:hb * bin_px:stride_px, :wb * bin_px:stride_px]
+    use &= mask[sub] == 0
+    s, d = scorr[sub][use], diff[sub][use]
+    return robust_std(s), robust_std(d), int(use.sum())
+
+
+def star_residual_chi2(diff: np.ndarray, xy: np.ndarray, var_sci: np.ndarray,
+                       var_ref: np.ndarray, psf_ref: np.ndarray, psf_sci: np.ndarray, *,
+                       sigma_ref: float, sigma_sci: float, flux_ratio: float,
+                       radius_px: float, mask: np.ndarray | None = None) -> tuple[float, int]:
+    """Chi^2 per pixel of D in circular apertures at star positions.
+
+    Parameters
+    ----------
+    diff : (H, W) D.
+    xy : (N, 2) star positions (x, y) on the science grid, px.
+    var_sci, var_ref : (H, W) variance maps of N and of R (reference ADU), 0 where masked.
+    psf_ref, psf_sci, sigma_ref, sigma_sci, flux_ratio : as for ZOGY (central PSFs).
+    radius_px : aperture radius, px (about the PSF FWHM).
+    mask : (H, W) uint8; stars whose aperture holds a flagged pixel are skipped.
+
+    Returns
+    -------
+    (chi2 per pixel pooled over the apertures, number of stars used); stars more than 5
+    robust sigma above the median (variables, transients on stars) are left out. NaN, 0
+    without stars.
+    """
+    xy = np.asarray(xy, float).reshape(-1, 2)
+    h, w = diff.shape
+    kd_ref, kd_sci = diff_kernels(psf_ref, psf_sci, sigma_ref, sigma_sci, flux_ratio)
+    # Crop the compact kernels to where they matter.
+    k2_ref, k2_sci = (np.fft.fftshift(k ** 2) for k in (kd_ref, kd_sci))
+    c = k2_ref.shape[0] // 2
+    half = int(np.clip(np.ceil(3 * radius_px), 3, c - 1))
+    k2_ref = k2_ref[c - half:c + half + 1, c - half:c + half + 1]
+    k2_sci = k2_sci[c - half:c + half + 1, c - half:c + half + 1]
+    # The kernels are normalised so that empty sky gives V(D) = 1; cropping loses a little.
+    r = int(np.ceil(radius_px))
+    ix, iy = np.rint(xy[:, 0]).astype(int), np.rint(xy[:, 1]).astype(int)
+    margin = r + half
+    inside = (ix >= margin) & (iy >= margin) & (ix < w - margin) & (iy < h - margin)
+    ix, iy = ix[inside], iy[inside]
+    if ix.size == 0:
+        return float("nan"), 0
+    d = np.arange(-margin, margin + 1)
+    sy, sx = iy[:, None, None] + d[None, :, None], ix[:, None, None] + d[None, None, :]
+    v_sci, v_ref = var_sci[sy, sx], var_ref[sy, sx]
+    var_d = (fftconvolve(v_sci, k2_sci[None], mode="valid", axes=(1, 2))
+             + fftconvolve(v_ref, k2_ref[None], mode="valid", axes=(1, 2)))
+    dd = np.arange(-r, r + 1)
+    ay, ax = iy[:, None, None] + dd[None, :, None], ix[:, None, None] + dd[None, None, :]
+    resid = diff[ay, ax].astype(float)
+    aperture = (dd[:, None] ** 2 + dd[None, :] ** 2) <= radius_px ** 2
+    ok = np.isfinite(resid).all(axis=(1, 2))
+    if mask is not None:
+        ok &= (mask[ay, ax] == 0).all(axis=(1, 2))
+    if not ok.any():
+        return float("nan"), 0
+    chi2 = (resid[ok] ** 2 / np.maximum(var_d[ok], 1e-6))[:, aperture]
+    per_star = chi2.mean(axis=1)
+    # Variable stars and stars next to transients are real changes, not subtraction errors:
+    # drop stars far above the bulk (robust 5-sigma, for a chi^2 with ~npix degrees of freedom).
+    k = aperture.sum()
+    limit = np.median(per_star) + 5 * max(robust_std(per_star), np.sqrt(2 / k))
+    keep = per_star <= limit
+    return float(chi2[keep].mean()), int(keep.sum())

@@ -1,0 +1,470 @@
+"""ZOGY image subtraction (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27) on arrays, in tiles.
+
+The equations follow ``ZOGY.md`` (our notation): R reference, N new (science) image, both
+background-subtracted on the science grid; P_r, P_n their PSFs; sigma_r, sigma_n their background
+noise; F_r = 1 and F_n = the measured flux ratio N/R. Per tile we compute
+
+* D (difference image, unit-variance white noise in empty sky),
+* S (matched-filter score) and its variance V(S) = V_r (x) k_r^2 + V_n (x) k_n^2 + V_ast,
+* S_corr = S / sqrt(V(S)) (detection statistic, in sigma),
+* the PSF flux S / F_S and its error sqrt(V(S)) / F_S.
+
+Everything is float32, real FFTs (``scipy.fft.rfft2``) with ``workers``; the image transforms
+R-hat and N-hat are taken once per tile, the kernels k_r, k_n are built in Fourier space on a
+small grid (they are compact) and their squares transformed once. Masked pixels are zeroed in
+both the data and the variance maps before the FFT, which keeps S_corr a unit-variance statistic
+next to them; the kernel footprint around them is flagged in the output mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft as sfft
+from scipy import ndimage
+
+# Output mask bits (uint8), on the science grid. See docs/interfaces.md.
+MASK_SCI_BAD = 1  # bad science pixel, or within the kernel footprint of one
+MASK_REF_BAD = 2  # bad reference pixel, or within the kernel footprint of one
+MASK_NO_OVERLAP = 4  # the reference does not cover this pixel (or the kernel footprint of one)
+MASK_SATURATED = 8  # saturated in either image, or within the kernel footprint of one
+MASK_EDGE = 16  # within the kernel footprint of the image border
+MASK_BAD_ANY = MASK_SCI_BAD | MASK_REF_BAD | MASK_NO_OVERLAP | MASK_SATURATED
+
+PSFSource = np.ndarray | Callable[[float, float], np.ndarray]
+
+_DEN2_FLOOR = 1e-12  # relative floor of the ZOGY denominator squared (avoids 0/0)
+_KERNEL_GRID_MIN_PX = 64  # smallest grid on which the compact kernels k_r, k_n are built
+
+
+@dataclass(frozen=True)
+class ZogyTile:
+    """ZOGY outputs for one tile (arrays of the tile's shape, float32).
+
+    ``score`` is S, ``var_score`` its variance V(S) (source + background + astrometric terms),
+    ``flux_zp_score`` F_S (S of a unit-flux point source), ``flux_zp_diff`` F_D and
+    ``kernel_radius_px`` the radius holding 99 % of the kernels' absolute weight.
+    """
+
+    diff: np.ndarray
+    score: np.ndarray
+    var_score: np.ndarray
+    flux_zp_score: float
+    flux_zp_diff: float
+    kernel_radius_px: int
+
+
+@dataclass(frozen=True)
+class ZogyImages:
+    """ZOGY outputs for a whole image, on the science grid (float32 unless stated).
+
+    diff : D, unit-variance white noise in empty sky.
+    scorr : S_corr in sigma (NaN at bad input pixels).
+    flux, flux_err : PSF flux of a point source centred on each pixel, science ADU.
+    mask : uint8 bit flags (``MASK_*``), input bits dilated by the kernel footprint plus edges.
+    flux_zp_score, flux_zp_diff : F_S and F_D of the central tile.
+    kernel_radius_px : footprint radius used for the mask dilation, px.
+    """
+
+    diff: np.ndarray
+    scorr: np.ndarray
+    flux: np.ndarray
+    flux_err: np.ndarray
+    mask: np.ndarray
+    flux_zp_score: float
+    flux_zp_diff: float
+    kernel_radius_px: int
+
+
+def embed_centered(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Place ``stamp`` (centre at index ``S // 2``) in a zero array so its centre is at (0, 0).
+
+    This is ``ifftshift`` of the stamp padded to ``shape``: the layout FFT convolution expects.
+    """
+    out = np.zeros(shape, np.float32)
+    sy, sx = stamp.shape
+    iy = (np.arange(sy) - sy // 2) % shape[0]
+    ix = (np.arange(sx) - sx // 2) % shape[1]
+    out[np.ix_(iy, ix)] = stamp
+    return out
+
+
+def stamp_rfft2(stamp: np.ndarray, shape: tuple[int, int], workers: int = 1) -> np.ndarray:
+    """``rfft2(embed_centered(stamp, shape))`` with the zero rows skipped.
+
+    A (S, S) stamp padded to a tile has only S non-zero rows: the row transforms are done on
+    those alone and the column transforms on the full height, about half a full ``rfft2``.
+    """
+    sy, sx = stamp.shape
+    ny, nx = shape
+    rows = np.zeros((sy, nx), np.float32)
+    rows[:, (np.arange(sx) - sx // 2) % nx] = stamp
+    out = np.zeros((ny, nx // 2 + 1), np.complex64)
+    out[(np.arange(sy) - sy // 2) % ny] = sfft.rfft(rows, axis=1)
+    return sfft.fft(out, axis=0, overwrite_x=True, workers=workers)
+
+
+def _rfft_weights(shape: tuple[int, int]) -> np.ndarray:
+    """Column weights turning a sum over the rfft half-plane into a sum over the full plane."""
+    nx = shape[1]
+    w = np.full(nx // 2 + 1, 2.0, np.float32)
+    w[0] = 1.0
+    if nx % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def _zogy_spectra(psf_ref_hat, psf_sci_hat, sigma_ref, sigma_sci, flux_ratio):
+    """den^2 and the two products that every ZOGY quantity is built from (F_r = 1)."""
+    fr, fn = 1.0, float(flux_ratio)
+    pr2 = (psf_ref_hat.real ** 2 + psf_ref_hat.imag ** 2).astype(np.float32)
+    pn2 = (psf_sci_hat.real ** 2 + psf_sci_hat.imag ** 2).astype(np.float32)
+    den2 = np.float32(sigma_sci ** 2 * fr ** 2) * pr2 + np.float32(sigma_ref ** 2 * fn ** 2) * pn2
+    np.maximum(den2, np.float32(_DEN2_FLOOR * float(den2.max())), out=den2)
+    return fr, fn, pr2, pn2, den2
+
+
+def zogy_kernels(psf_ref: np.ndarray, psf_sci: np.ndarray, sigma_ref: float, sigma_sci: float,
+                 flux_ratio: float, grid_px: int | None = None):
+    """The compact ZOGY kernels on a small grid, centred at (0, 0).
+
+    Returns
+    -------
+    k_ref, k_sci : (K, K) float32
+        S = k_sci (x) N - k_ref (x) R (ZOGY.md, k_r and k_n).
+    flux_zp_diff : float
+        F_D.
+    flux_zp_score : float
+        F_S = F_D^2 sum |P_D-hat|^2 / K^2 = F_D^2 sum P_D^2.
+    """
+    size = max(psf_ref.shape[0], psf_sci.shape[0])
+    grid = grid_px or sfft.next_fast_len(max(_KERNEL_GRID_MIN_PX, 2 * size), real=True)
+    shape = (grid, grid)
+    pr_hat = sfft.rfft2(embed_centered(psf_ref, shape))
+    pn_hat = sfft.rfft2(embed_centered(psf_sci, shape))
+    fr, fn, pr2, pn2, den2 = _zogy_spectra(pr_hat, pn_hat, sigma_ref, sigma_sci, flux_ratio)
+    k_ref = sfft.irfft2(fr * fn ** 2 * np.conj(pr_hat) * pn2 / den2, s=shape).astype(np.float32)
+    k_sci = sfft.irfft2(fn * fr ** 2 * np.conj(pn_hat) * pr2 / den2, s=shape).astype(np.float32)
+    flux_zp_diff = fr * fn / np.sqrt(sigma_sci ** 2 * fr ** 2 + sigma_ref ** 2 * fn ** 2)
+    # |P_D-hat|^2 = (F_r F_n)^2 |P_r|^2 |P_n|^2 / (F_D^2 den^2)
+    pd2 = (fr * fn) ** 2 * pr2 * pn2 / (flux_zp_diff ** 2 * den2)
+    flux_zp_score = flux_zp_diff ** 2 * float((pd2 * _rfft_weights(shape)).sum()) / grid ** 2
+    return k_ref, k_sci, float(flux_zp_diff), float(flux_zp_score)
+
+
+def diff_kernels(psf_ref: np.ndarray, psf_sci: np.ndarray, sigma_ref: float, sigma_sci: float,
+                 flux_ratio: float, grid_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels of D on a small grid, centred at (0, 0): D = kd_sci (x) N - kd_ref (x) R.
+
+    kd_sci-hat = F_r P_r-hat / den and kd_ref-hat = F_n P_n-hat / den; their squares convolved
+    with the variance maps give the variance of D including source noise.
+    """
+    size = max(psf_ref.shape[0], psf_sci.shape[0])
+    grid = grid_px or sfft.next_fast_len(max(_KERNEL_GRID_MIN_PX, 2 * size), real=True)
+    shape = (grid, grid)
+    pr_hat = sfft.rfft2(embed_centered(psf_ref, shape))
+    pn_hat = sfft.rfft2(embed_centered(psf_sci, shape))
+    fr, fn, _, _, den2 = _zogy_spectra(pr_hat, pn_hat, sigma_ref, sigma_sci, flux_ratio)
+    den = np.sqrt(den2)
+    kd_sci = sfft.irfft2(fr * pr_hat / den, s=shape).astype(np.float32)
+    kd_ref = sfft.irfft2(fn * pn_hat / den, s=shape).astype(np.float32)
+    return kd_ref, kd_sci
+
+
+def kernel_radius_px(k_ref: np.ndarray, k_sci: np.ndarray, level: float = 0.01) -> int:
+    """Radius (px) beyond which both kernels (centred at 0) stay below ``level`` of their peak.
+
+    A masked (zeroed) pixel disturbs S by at most that fraction of a full pixel's weight
+    outside this radius, so the mask is dilated by it.
+    """
+    grid = k_ref.shape[0]
+    f = np.fft.fftfreq(grid, 1 / grid)
+    r = np.hypot(f[:, None], f[None, :])
+    radius = 1.0
+    for k in (k_ref, k_sci):
+        a = np.abs(k)
+        strong = a >= level * float(a.max())
+        radius = max(radius, float(r[strong].max()))
+    return int(np.ceil(radius))
+
+
+def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np.ndarray, *,
+              sigma_ref: float, sigma_sci: float, flux_ratio: float,
+              var_ref: np.ndarray | None = None, var_sci: np.ndarray | None = None,
+              sigma_x_px: float = 0.0, sigma_y_px: float = 0.0,
+              fft_workers: int = 1) -> ZogyTile:
+    """ZOGY D, S and V(S) of one tile (PSF constant across it).
+
+    Parameters
+    ----------
+    ref, sci : (H, W) float
+        Background-subtracted reference (on the science grid, reference ADU, not flux-scaled)
+        and science image; masked pixels already set to 0.
+    psf_ref, psf_sci : (S, S) float
+        PSF stamps, centred at index ``S // 2``, summing to 1.
+    sigma_ref, sigma_sci : float
+        Background noise (std per pixel) of each image, in its own ADU.
+    flux_ratio : float
+        F_n / F_r: science flux of a source divided by its reference flux.
+    var_ref, var_sci : (H, W) float, optional
+        Per-pixel variance (background + source Poisson), 0 at masked pixels; default the
+        constant ``sigma**2``.
+    sigma_x_px, sigma_y_px : float
+        Residual registration noise (px) for the astrometric variance term.
+    fft_workers : int
+        Threads for ``scipy.fft``.
+    """
+    h, w = sci.shape
+    # Zero padding by half a PSF keeps the circular convolution from wrapping one edge onto
+    # the other.
+    pad = max(psf_ref.shape[0], psf_sci.shape[0]) // 2
+    shape = (sfft.next_fast_len(h + pad, real=True), sfft.next_fast_len(w + pad, real=True))
+    kw = dict(s=shape, workers=fft_workers)
+
+    pr_hat = stamp_rfft2(psf_ref, shape, fft_workers)
+    pn_hat = stamp_rfft2(psf_sci, shape, fft_workers)
+    fr, fn, _, _, den2 = _zogy_spectra(pr_hat, pn_hat, sigma_ref, sigma_sci, flux_ratio)
+    inv_den = np.float32(1.0) / np.sqrt(den2)
+    del den2
+    # D-hat = (F_r P_r N-hat - F_n P_n R-hat) / den; the science part is kept for S_N.
+    d_sci = sfft.rfft2(np.asarray(sci, np.float32), **kw)
+    d_sci *= pr_hat
+    d_sci *= np.float32(fr) * inv_den
+    d_hat = sfft.rfft2(np.asarray(ref, np.float32), **kw)
+    d_hat *= pn_hat
+    d_hat *= np.float32(-fn) * inv_den
+    d_hat += d_sci
+    diff = sfft.irfft2(d_hat, **kw)[:h, :w]
+
+    # S-hat = F_D D-hat conj(P_D-hat), with P_D-hat = F_r F_n P_r P_n / (F_D den):
+    # S-hat = F_r F_n D-hat conj(P_r P_n) / den  (F_D cancels).
+    to_score = np.conj(pr_hat * pn_hat)
+    to_score *= np.float32(fr * fn) * inv_den
+    del pr_hat, pn_hat, inv_den
+    d_hat *= to_score
+    score = sfft.irfft2(d_hat, **kw)[:h, :w]
+    del d_hat
+    astrometric = (sigma_x_px > 0) or (sigma_y_px > 0)
+    if astrometric:
+        # ZOGY eq. 30-31: the astrometric variance comes from the gradients of the score
+        # images of each input (S_N = k_n (x) N, S_R = S_N - S), not of their difference.
+        d_sci *= to_score
+        score_sci = sfft.irfft2(d_sci, **kw)[:h, :w]
+    del d_sci, to_score
+
+    k_ref, k_sci, flux_zp_diff, flux_zp_score = zogy_kernels(
+        psf_ref, psf_sci, sigma_ref, sigma_sci, flux_ratio)
+    radius = kernel_radius_px(k_ref, k_sci)
+
+    # V(S) = V_r (x) k_r^2 + V_n (x) k_n^2: one inverse FFT for both terms.
+    # Squared kernels cropped to the PSF stamp: the weight beyond is negligible, and the small
+    # stamp keeps their transforms cheap.
+    half = max(psf_ref.shape[0], psf_sci.shape[0]) // 2
+    c = k_ref.shape[0] // 2
+    crop = np.s_[c - half:c + half + 1, c - half:c + half + 1]
+    kref2 = np.fft.fftshift(k_ref ** 2)[crop]
+    ksci2 = np.fft.fftshift(k_sci ** 2)[crop]
+    if var_ref is None and var_sci is None:
+        var_score = np.full((h, w), sigma_ref ** 2 * kref2.sum() + sigma_sci ** 2 * ksci2.sum(),
+                            np.float32)
+    else:
+        vr = np.full((h, w), sigma_ref ** 2, np.float32) if var_ref is None else var_ref
+        vn = np.full((h, w), sigma_sci ** 2, np.float32) if var_sci is None else var_sci
+        v_hat = sfft.rfft2(np.asarray(vr, np.float32), **kw)
+        v_hat *= stamp_rfft2(kref2, shape, fft_workers)
+        vn_hat = sfft.rfft2(np.asarray(vn, np.float32), **kw)
+        vn_hat *= stamp_rfft2(ksci2, shape, fft_workers)
+        v_hat += vn_hat
+        del vn_hat
+        var_score = sfft.irfft2(v_hat, **kw)[:h, :w]
+        del v_hat
+    # Zero-variance regions (all inputs masked) must not divide by ~0: floor at 1e-3 of the
+    # empty-sky value.
+    floor = 1e-3 * (sigma_ref ** 2 * kref2.sum() + sigma_sci ** 2 * ksci2.sum())
+    np.maximum(var_score, np.float32(floor), out=var_score)
+
+    if astrometric:
+        score_ref = score_sci - score
+        for img in (score_sci, score_ref):
+            for axis, sigma in ((1, sigma_x_px), (0, sigma_y_px)):
+                if sigma > 0:
+                    grad = _central_difference(img, axis)
+                    grad *= np.float32(sigma)
+                    grad *= grad
+                    var_score += grad
+
+    return ZogyTile(diff=diff.astype(np.float32, copy=False),
+                    score=score.astype(np.float32, copy=False),
+                    var_score=var_score.astype(np.float32, copy=False),
+                    flux_zp_score=flux_zp_score, flux_zp_diff=flux_zp_diff,
+                    kernel_radius_px=radius)
+
+
+def _central_difference(img: np.ndarray, axis: int) -> np.ndarray:
+    """d img / d axis (per px) by central differences; 0 on the first and last row/column."""
+    grad = np.zeros_like(img)
+    if axis == 1:
+        np.subtract(img[:, 2:], img[:, :-2], out=grad[:, 1:-1])
+    else:
+        np.subtract(img[2:, :], img[:-2, :], out=grad[1:-1, :])
+    grad *= np.float32(0.5)
+    return grad
+
+
+def tile_edges(n_px: int, tile_px: int) -> np.ndarray:
+    """Interior tile edges along one axis: ``ceil(n / tile)`` nearly equal tiles."""
+    n_tiles = max(1, int(np.ceil(n_px / tile_px)))
+    return np.linspace(0, n_px, n_tiles + 1).round().astype(int)
+
+
+def _psf_function(psf: PSFSource) -> Callable[[float, float], np.ndarray]:
+    if callable(psf):
+        return psf
+    stamp = np.asarray(psf, np.float32)
+    return lambda x, y: stamp
+
+
+def _tile_value(value, sl) -> float:
+    """A scalar for the tile: the value itself, or the median of a map over the tile."""
+    if np.ndim(value) == 0:
+        return float(value)
+    return float(np.median(value[sl][::4, ::4]))
+
+
+def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
+    """Dilate a boolean image by a (2r+1)^2 box (separable, fast)."""
+    if radius_px <= 0 or not flags.any():
+        return flags.copy()
+    return ndimage.maximum_filter(flags.view(np.uint8), size=2 * radius_px + 1,
+                                  mode="constant").view(bool)
+
+
+def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: PSFSource, *,
+                sigma_ref, sigma_sci, flux_ratio: float,
+                var_ref: np.ndarray | None = None, var_sci: np.ndarray | None = None,
+                mask: np.ndarray | None = None, sigma_x_px: float = 0.0,
+                sigma_y_px: float = 0.0, tile_px: int = 1024, overlap_px: int = 64,
+                fft_workers: int = 1) -> ZogyImages:
+    """ZOGY over a whole image in overlapping tiles, each with its own PSFs.
+
+    Parameters
+    ----------
+    ref, sci : (H, W) float
+        Background-subtracted reference (on the science grid, reference ADU) and science.
+        NaN pixels are treated as masked.
+    psf_ref, psf_sci : (S, S) array or callable ``(x, y) -> (S, S)``
+        PSF stamp (centred, sum 1), or a function giving the PSF at a pixel position.
+    sigma_ref, sigma_sci : float or (H, W) array
+        Background noise per pixel; maps are reduced to their median per tile.
+    flux_ratio : float
+        Science flux / reference flux of the same source (F_n with F_r = 1).
+    var_ref, var_sci : (H, W) float, optional
+        Per-pixel variance maps (background + source Poisson).
+    mask : (H, W) uint8, optional
+        Input ``MASK_*`` bits. Pixels with any of ``MASK_BAD_ANY`` are zeroed before the FFT.
+    sigma_x_px, sigma_y_px : float
+        Registration noise for the astrometric term of V(S).
+    tile_px, overlap_px : int
+        Tile interior side and the margin added on each side (discarded after the FFT).
+    fft_workers : int
+        Threads for ``scipy.fft``.
+    """
+    h, w = sci.shape
+    in_mask = np.zeros((h, w), np.uint8) if mask is None else np.asarray(mask, np.uint8)
+    bad = (in_mask & MASK_BAD_ANY) != 0
+    bad_sci = ~np.isfinite(sci)
+    bad_ref = ~np.isfinite(ref)
+    if bad_sci.any() or bad_ref.any():
+        in_mask = in_mask | np.where(bad_sci, MASK_SCI_BAD, 0).astype(np.uint8)
+        in_mask |= np.where(bad_ref, MASK_REF_BAD, 0).astype(np.uint8)
+        bad |= bad_sci | bad_ref
+    any_bad = bool(bad.any())
+
+    def tile_inputs(sl):
+        """Tile copies of the inputs with bad pixels zeroed in the data and the variance.
+
+        Masked pixels carry no variance, so S_corr stays unit-variance beside them. Zeroing
+        per tile keeps the full-size inputs untouched and avoids full-size copies.
+        """
+        r, n = np.array(ref[sl], np.float32), np.array(sci[sl], np.float32)
+        vr = None if var_ref is None else np.array(var_ref[sl], np.float32)
+        vn = None if var_sci is None else np.array(var_sci[sl], np.float32)
+        if any_bad:
+            b = bad[sl]
+            if b.any():
+                r[b] = 0
+                n[b] = 0
+                if vr is None:
+                    vr = np.full(r.shape, np.float32(_tile_value(sigma_ref, sl) ** 2))
+                if vn is None:
+                    vn = np.full(n.shape, np.float32(_tile_value(sigma_sci, sl) ** 2))
+                vr[b] = 0
+                vn[b] = 0
+        if (vr is None) != (vn is None):
+            if vr is None:
+                vr = np.full(r.shape, np.float32(_tile_value(sigma_ref, sl) ** 2))
+            else:
+                vn = np.full(n.shape, np.float32(_tile_value(sigma_sci, sl) ** 2))
+        return r, n, vr, vn
+
+    psf_ref_at = _psf_function(psf_ref)
+    psf_sci_at = _psf_function(psf_sci)
+    diff = np.empty((h, w), np.float32)
+    scorr = np.empty((h, w), np.float32)
+    flux = np.empty((h, w), np.float32)
+    flux_err = np.empty((h, w), np.float32)
+    edges_y, edges_x = tile_edges(h, tile_px), tile_edges(w, tile_px)
+    if len(edges_y) > 2 or len(edges_x) > 2:
+        # Tile interiors are exact only if the margin covers the kernels' reach.
+        k_ref, k_sci, _, _ = zogy_kernels(psf_ref_at(w / 2, h / 2), psf_sci_at(w / 2, h / 2),
+                                          _tile_value(sigma_ref, np.s_[:, :]),
+                                          _tile_value(sigma_sci, np.s_[:, :]), flux_ratio)
+        overlap_px = max(overlap_px, kernel_radius_px(k_ref, k_sci) + 2)
+    radius = 0
+    zp_center = None
+    for y0, y1 in zip(edges_y[:-1], edges_y[1:], strict=True):
+        for x0, x1 in zip(edges_x[:-1], edges_x[1:], strict=True):
+            py0, py1 = max(0, y0 - overlap_px), min(h, y1 + overlap_px)
+            px0, px1 = max(0, x0 - overlap_px), min(w, x1 + overlap_px)
+            sl = np.s_[py0:py1, px0:px1]
+            xc, yc = 0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)
+            t_ref, t_sci, t_var_ref, t_var_sci = tile_inputs(sl)
+            tile = zogy_tile(
+                t_ref, t_sci, psf_ref_at(xc, yc), psf_sci_at(xc, yc),
+                sigma_ref=_tile_value(sigma_ref, sl), sigma_sci=_tile_value(sigma_sci, sl),
+                flux_ratio=flux_ratio, var_ref=t_var_ref, var_sci=t_var_sci,
+                sigma_x_px=sigma_x_px, sigma_y_px=sigma_y_px, fft_workers=fft_workers)
+            del t_ref, t_sci, t_var_ref, t_var_sci
+            inner = np.s_[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+            out = np.s_[y0:y1, x0:x1]
+            diff[out] = tile.diff[inner]
+            std = np.sqrt(tile.var_score[inner])
+            score = tile.score[inner]
+            np.divide(score, std, out=scorr[out])
+            # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
+            to_sci = np.float32(flux_ratio / tile.flux_zp_score)
+            np.multiply(score, to_sci, out=flux[out])
+            np.multiply(std, to_sci, out=flux_err[out])
+            radius = max(radius, tile.kernel_radius_px)
+            if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
+                zp_center = (tile.flux_zp_score, tile.flux_zp_diff)
+
+    out_mask = np.zeros((h, w), np.uint8)
+    for bit in (MASK_SCI_BAD, MASK_REF_BAD, MASK_NO_OVERLAP, MASK_SATURATED):
+        flagged = (in_mask & bit) != 0
+        if flagged.any():
+            out_mask[dilate(flagged, radius)] |= bit
+    border = max(radius, 1)
+    out_mask[:border, :] |= MASK_EDGE
+    out_mask[-border:, :] |= MASK_EDGE
+    out_mask[:, :border] |= MASK_EDGE
+    out_mask[:, -border:] |= MASK_EDGE
+    out_mask |= in_mask & MASK_EDGE
+    if any_bad:
+        for arr in (diff, scorr, flux, flux_err):
+            arr[bad] = np.nan
+    return ZogyImages(diff=diff, scorr=scorr, flux=flux, flux_err=flux_err, mask=out_mask,
+                      flux_zp_score=zp_center[0], flux_zp_diff=zp_center[1],
+                      kernel_radius_px=radius)
