@@ -1,0 +1,193 @@
+"""ONNX export agrees with torch; score_triplets and `astrid score` on npz, datasets and alerts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from astrid.cli import app
+from astrid.errors import AstridError, InputFileError
+from astrid.ml.export import export_onnx
+from astrid.ml.models import architecture_record, build_model, save_weights
+from astrid.ml.score import adapt_stamp_size, score_triplets
+from astrid.provenance import write_json_atomic
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the test machine's cores are shared: OpenMP threads spinning against each other are slow
+    torch.set_num_threads(1)
+
+
+
+def make_model_dir(path, name="astrid", size=31, temperature=1.7, seed=0):
+    """An untrained (random) model directory: enough to test export and scoring plumbing."""
+    torch.manual_seed(seed)
+    kwargs = {"widths": [8, 16, 32]} if name == "astrid" else {}
+    net = build_model(name, size, **kwargs).eval()
+    path.mkdir(parents=True)
+    save_weights(path / "model.pt", net, architecture_record(name, size, **kwargs))
+    write_json_atomic(path / "model.json", {
+        "format": "astrid-model", "architecture": name, "stamp_size": size,
+        "normalisation": "l2", "temperature": temperature, "threshold": 0.5})
+    return path, export_onnx(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path, _ = make_model_dir(tmp_path_factory.mktemp("m") / "astrid31")
+    return path
+
+
+def _ztf(shared_data):
+    z = np.load(shared_data("ztf-alerts", "fink-client", "fink-client_triplets.npz"))
+    return np.stack([z["sci"], z["ref"], z["diff"]], axis=1), z
+
+
+@pytest.mark.parametrize("name", ["braai", "astrid"])
+def test_onnx_matches_torch_within_1e5(tmp_path, shared_data, name):
+    path, report = make_model_dir(tmp_path / name, name=name, size=63)
+    assert report.max_abs_diff <= 1e-5
+    stamps, _ = _ztf(shared_data)  # real ZTF triplets with NaN-padded edge stamps
+    onnx = score_triplets(stamps, path, "onnx", threads=1)
+    torch_scores = score_triplets(stamps, path, "torch", threads=1)
+    assert onnx.shape == (len(stamps),) and np.all((onnx >= 0) & (onnx <= 1))
+    np.testing.assert_allclose(onnx, torch_scores, atol=1e-5, rtol=0)
+    # a batch split differently gives the same scores (no state leaks between batches)
+    again = score_triplets(stamps, path, "onnx", threads=1, batch_size=7)
+    np.testing.assert_allclose(again, onnx, atol=1e-6)
+
+
+def test_temperature_is_applied_in_the_graph(tmp_path):
+    x = np.random.default_rng(0).normal(100, 5, (6, 3, 31, 31)).astype(np.float32)
+    hot, _ = make_model_dir(tmp_path / "t1", temperature=1.0, seed=4)
+    cool, _ = make_model_dir(tmp_path / "t3", temperature=3.0, seed=4)
+    p1, p3 = score_triplets(x, hot), score_triplets(x, cool)
+    logit1 = np.log(p1 / (1 - p1))
+    np.testing.assert_allclose(np.log(p3 / (1 - p3)), logit1 / 3.0, atol=1e-4)
+
+
+def test_stamp_size_adaptation_centres_the_source():
+    rubin = np.zeros((1, 3, 30, 30), np.float32)
+    rubin[0, :, 15, 15] = 1.0  # Rubin cutouts put the source at pixel S // 2
+    out = adapt_stamp_size(rubin, 63)
+    assert out.shape == (1, 3, 63, 63)
+    assert out[0, 0, 31, 31] == 1.0 and np.isnan(out[0, 0, 0, 0])
+    big = np.zeros((1, 3, 63, 63), np.float32)
+    big[0, :, 31, 31] = 2.0
+    assert adapt_stamp_size(big, 31)[0, 0, 15, 15] == 2.0
+
+
+def test_score_rejects_bad_shapes_and_missing_models(model_dir, tmp_path):
+    with pytest.raises(AstridError):
+        score_triplets(np.zeros((2, 2, 31, 31), np.float32), model_dir)
+    with pytest.raises(InputFileError):
+        score_triplets(np.zeros((2, 3, 31, 31), np.float32), tmp_path / "nowhere")
+
+
+runner = CliRunner()
+
+
+def test_cli_score_npz_writes_index_and_score(model_dir, tmp_path, shared_data):
+    src = shared_data("ztf-alerts", "braai", "braai_triplets.npz")
+    out = tmp_path / "scores.csv"
+    res = runner.invoke(app, ["score", str(src), "-o", str(out), "--model", str(model_dir), "-q"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["index", "score"] and len(table) == 2
+    z = np.load(src)
+    expected = score_triplets(np.stack([z["sci"], z["ref"], z["diff"]], 1), model_dir)
+    np.testing.assert_allclose(table["score"], expected, atol=1e-6)
+    assert json.loads((tmp_path / "scores.csv.provenance.json").read_text())["n"] == 2
+
+
+def test_cli_score_dataset_dir(model_dir, tmp_path):
+    from astrid.ml.data import DatasetWriter
+
+    stamps = np.random.default_rng(1).normal(0, 1, (5, 3, 31, 31)).astype(np.float32)
+    with DatasetWriter(tmp_path / "ds", 31) as writer:
+        writer.append(stamps, pd.DataFrame({"pair_id": ["a"] * 5, "x": np.arange(5.0), "y": 0.0}))
+    out = tmp_path / "ds.csv"
+    res = runner.invoke(app, ["score", str(tmp_path / "ds"), "-o", str(out), "--model", str(model_dir), "-q"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["index", "score"] and table["index"].tolist() == list(range(5))
+    np.testing.assert_allclose(table["score"], score_triplets(stamps, model_dir), atol=1e-6)
+
+
+def test_cli_score_alert_packets_writes_candid_and_score(model_dir, tmp_path, shared_data):
+    raw = shared_data("ztf-alerts", "ampel-ztf", "raw")
+    out = tmp_path / "alerts.csv"
+    res = runner.invoke(app, ["score", str(raw / "tar.tst.gz"), str(raw / "516171791415015025.avro"),
+                              "-o", str(out), "--model", str(model_dir), "--backend", "torch", "-q"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["candid", "score"]
+    assert table["candid"].tolist() == [516171791415015025]
+    # the 21 JPEG-stamp packets of the tar are reported, not fatal
+    problems = pd.read_csv(tmp_path / "alerts.problems.csv")
+    assert len(problems) == 21 and problems["reason"].str.contains("JPEG").all()
+
+
+def test_cli_score_rubin_packets(model_dir, tmp_path, shared_data):
+    raw = shared_data("rubin-alerts", "raw")
+    out = tmp_path / "rubin.csv"
+    res = runner.invoke(app, ["score", str(raw), "-o", str(out), "--model", str(model_dir), "-q"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out)
+    assert len(table) == 32 and table["score"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda p: p / "missing.npz", "not found"),
+    (lambda p: (p / "x.txt").write_text("hello") and p / "x.txt", "expected a triplet"),
+    (lambda p: np.savez(p / "bad.npz", sci=np.zeros((2, 5, 5))) or p / "bad.npz", "lacks"),
+    (lambda p: (p / "junk.npz").write_bytes(b"not a zip") and p / "junk.npz", "readable"),
+])
+def test_cli_score_bad_inputs_give_one_line_errors(model_dir, tmp_path, make, problem):
+    path = make(tmp_path)
+    res = runner.invoke(app, ["score", str(path), "-o", str(tmp_path / "s.csv"), "--model", str(model_dir)])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and problem in lines[0]
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_cli_score_bad_model_dir(tmp_path, shared_data):
+    src = shared_data("ztf-alerts", "braai", "braai_triplets.npz")
+    res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "s.csv"), "--model", str(tmp_path)])
+    assert res.exit_code == 1 and "not a model directory" in res.output
+
+
+def test_cli_export_rewrites_onnx(model_dir):
+    res = runner.invoke(app, ["export", str(model_dir)])
+    assert res.exit_code == 0, res.output
+    assert "max |onnx - torch|" in res.output
+
+
+def test_packaged_default_model_is_complete_and_scores_alerts(tmp_path, shared_data):
+    from astrid.ml.score import default_model_dir
+
+    pkg = default_model_dir()
+    info = json.loads((pkg / "model.json").read_text())
+    assert info["architecture"] == "astrid" and info["stamp_size"] == 63
+    assert 0 < info["threshold"] < 1 and info["temperature"] > 0
+    metrics = json.loads((pkg / "metrics.json").read_text())
+    assert {"astrid", "braai"} <= set(metrics["test_simulated"])
+    assert sum(f.stat().st_size for f in pkg.iterdir()) < 5 * 2**20
+    # the shipped ONNX graph and weights agree on real ZTF triplets
+    stamps, _ = _ztf(shared_data)
+    np.testing.assert_allclose(score_triplets(stamps, pkg, "onnx"), score_triplets(stamps, pkg, "torch"),
+                               atol=1e-5, rtol=0)
+    # `astrid score` without --model uses it
+    raw = shared_data("ztf-alerts", "braai", "raw")
+    out = tmp_path / "s.csv"
+    res = runner.invoke(app, ["score", str(raw), "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out)
+    assert table["candid"].tolist() == sorted(table["candid"].tolist()) and len(table) == 2

@@ -1,0 +1,78 @@
+"""Both networks run on any odd stamp size, overfit a tiny batch, and the D4 average is invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astrid.ml.models import build_model, count_parameters, d4_views
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the test machine's cores are shared: OpenMP threads spinning against each other are slow
+    torch.set_num_threads(1)
+
+
+
+@pytest.mark.parametrize("name", ["braai", "astrid"])
+@pytest.mark.parametrize("size", [31, 63])
+def test_models_take_odd_sizes_and_return_one_logit(name, size):
+    torch.manual_seed(0)
+    model = build_model(name, size).eval()
+    x = torch.randn(5, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (5,)
+    assert torch.isfinite(out).all()
+
+
+def test_braai_is_the_published_vgg6():
+    model = build_model("braai", 63)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32]
+    dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(d.in_features, d.out_features) for d in dense] == [(6 * 6 * 32, 256), (256, 1)]
+
+
+def test_astrid_is_d4_invariant_in_eval_mode():
+    torch.manual_seed(1)
+    model = build_model("astrid", 31).eval()
+    x = torch.randn(4, 3, 31, 31)
+    with torch.no_grad():
+        ref = model(x)
+        for view in d4_views(x):
+            torch.testing.assert_close(model(view), ref, atol=1e-5, rtol=1e-5)
+        # a single view is not invariant: the average is doing the work
+        single = [model.single_view(v) for v in d4_views(x)]
+    assert max(float((s - single[0]).abs().max()) for s in single) > 1e-4
+
+
+def test_even_or_tiny_sizes_and_unknown_names_are_refused():
+    with pytest.raises(ValueError):
+        build_model("astrid", 30)
+    with pytest.raises(ValueError):
+        build_model("braai", 15)
+    with pytest.raises(ValueError):
+        build_model("resnet50", 63)
+
+
+@pytest.mark.parametrize("name", ["braai", "astrid"])
+def test_a_tiny_batch_can_be_overfitted(name):
+    torch.manual_seed(0)
+    model = build_model(name, 31)
+    # dropout off so that the loss can reach ~0 on 8 examples
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    x = torch.randn(8, 3, 31, 31)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1], dtype=torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02
+    assert count_parameters(model) > 1000
