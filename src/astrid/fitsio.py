@@ -8,10 +8,10 @@ and collects the metadata that differencing needs from the keywords of the commo
 from __future__ import annotations
 
 import gzip
-import zlib
 import os
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 

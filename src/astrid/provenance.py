@@ -20,7 +20,6 @@ from typing import Any
 
 from astrid import __version__
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
