@@ -146,19 +146,25 @@ def _catalog(run_dir: Path, settings: Settings, limit: int | None) -> list[Path]
 
 
 def _query(run_dir: Path, settings: Settings, limit: int | None) -> list[Path]:
-    from astrid.archive import query_observations
+    from astrid.archive import ArchiveUnreachable, query_observations
 
     catalog = pd.read_csv(run_dir / "catalog.csv")
-    result = query_observations(catalog, settings.archive, run_dir / "mast_cache")
+    try:
+        result = query_observations(catalog, settings.archive, run_dir / "mast_cache")
+    except ArchiveUnreachable as exc:
+        # Keep what was fetched (and cached) before MAST went away, then stop the run.
+        write_table_atomic(run_dir / "observations.partial.csv", exc.partial.observations)
+        write_table_atomic(run_dir / "query_errors.csv", exc.partial.errors)
+        raise
     # Archive errors stay errors (per SN, with the reason), never rows of observations.
     return [write_table_atomic(run_dir / "observations.csv", result.observations),
             write_table_atomic(run_dir / "query_errors.csv", result.errors)]
 
 
 def _pairs(run_dir: Path, settings: Settings, limit: int | None) -> list[Path]:
-    from astrid.archive import make_pairs
+    from astrid.archive import make_pairs, read_observations
 
-    observations = pd.read_csv(run_dir / "observations.csv")
+    observations = read_observations(run_dir / "observations.csv")  # keeps obsid as text
     catalog = pd.read_csv(run_dir / "catalog.csv")
     pairs = make_pairs(observations, catalog, settings.archive)
     write_table_atomic(run_dir / "pairs_all.csv", pairs)

@@ -53,13 +53,13 @@ class StageContext:
         if "ref" in self.data and "sci" in self.data:
             return Path(self.data["ref"]), Path(self.data["sci"])
         if "pair_row" in self.data:  # archive: download_pairs' layout <sn>/<mission>_<filter>/
-            found = {role: sorted(p for p in (self.pair_dir / "download").glob(f"*/*/{role}/*")
-                                  if not p.name.startswith("."))
-                     for role in ("ref", "sci")}
-            for role, paths in found.items():
-                if not paths:
-                    raise AstridError(f"{self.pair_dir / 'download'}: no downloaded {role} image")
-            return found["ref"][0], found["sci"][0]
+            from astrid.archive import pair_paths
+
+            paths = pair_paths(self.data["pair_row"], self.pair_dir / "download")
+            for role, path in zip(("ref", "sci"), paths, strict=True):
+                if not path.exists():
+                    raise AstridError(f"{path}: no downloaded {role} image")
+            return paths
         raw = self.pair_dir / "raw"
         return raw / "ref.fits", raw / "sci.fits"
 
