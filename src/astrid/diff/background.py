@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
-from scipy import ndimage
 
 from astrid.errors import AstridError
 
@@ -93,10 +92,12 @@ def estimate_background(data: np.ndarray, mask: np.ndarray | None = None, *, box
     # the threshold while the cores and wings of real sources do.
     smooth = _box3(work - level)
     sources = (smooth > source_thresh_sigma * rms / 3.0) & ~small_bad
-    sources = ndimage.binary_opening(sources, structure=np.ones((2, 2), bool))
+    sources = _open_2x2(sources)
     grow = int(np.ceil(dilate_px / step))
     if grow > 0:
-        sources = ndimage.maximum_filter(sources, size=2 * grow + 1)
+        from astrid.diff.zogy_core import dilate  # zogy_core imports nothing from here
+
+        sources = dilate(sources, grow)
     masked = small_bad | sources
     # Keep enough sky in every mesh cell for sep; in crowded cells fall back on the first pass.
     crowded = masked.mean() >= 0.9
@@ -128,6 +129,20 @@ def _box3(image: np.ndarray) -> np.ndarray:
     return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
 
 
+def _open_2x2(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_opening`` with a 2x2 structure, from shifted slices (several x faster).
+
+    Drops isolated pixels and one-pixel-wide lines; pixels of any 2x2 block of sources stay.
+    """
+    eroded = np.zeros_like(mask)
+    eroded[1:, 1:] = mask[1:, 1:] & mask[:-1, 1:] & mask[1:, :-1] & mask[:-1, :-1]
+    out = eroded.copy()
+    out[:-1, :] |= eroded[1:, :]
+    out[:, :-1] |= eroded[:, 1:]
+    out[:-1, :-1] |= eroded[1:, 1:]
+    return out
+
+
 def _upsample(small: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
     """Linear interpolation of a smooth map sampled at every ``step``-th pixel to ``shape``.
 
@@ -138,15 +153,30 @@ def _upsample(small: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarra
     h, w = a.shape
     nxt = np.concatenate([a[1:], 2 * a[-1:] - a[-2:-1]]) if h > 1 else a
     rows = np.empty((h, step, w), np.float32)
-    for phase in range(step):
-        rows[:, phase, :] = a + np.float32(phase / step) * (nxt - a)
+    _interpolate_phases(a, nxt, rows, axis=1)
     a = rows.reshape(h * step, w)[:shape[0]]
     nxt = np.concatenate([a[:, 1:], 2 * a[:, -1:] - a[:, -2:-1]], axis=1) if w > 1 else a
     cols = np.empty((shape[0], w, step), np.float32)
-    for phase in range(step):
-        cols[:, :, phase] = a + np.float32(phase / step) * (nxt - a)
+    _interpolate_phases(a, nxt, cols, axis=2)
     out = cols.reshape(shape[0], w * step)
     return out if out.shape[1] == shape[1] else np.ascontiguousarray(out[:, :shape[1]])
+
+
+def _interpolate_phases(a: np.ndarray, nxt: np.ndarray, out: np.ndarray, axis: int) -> None:
+    """``out[phase] = a + (phase / step) * (nxt - a)`` along ``axis`` of ``out``, in place.
+
+    The slope ``nxt - a`` is formed once and each phase written without full-size
+    temporaries (same float32 operations, so the same values, at a fraction of the traffic).
+    """
+    step = out.shape[axis]
+    slope = nxt - a
+    for phase in range(step):
+        dst = out[:, phase, :] if axis == 1 else out[:, :, phase]
+        if phase == 0:
+            dst[...] = a
+            continue
+        np.multiply(slope, np.float32(phase / step), out=dst)
+        dst += a
 
 
 def _robust_sigma(values: np.ndarray, max_samples: int = 300_000) -> float:
@@ -176,8 +206,14 @@ def variance_map(data_bkgsub: np.ndarray, rms: np.ndarray, gain: float | None = 
     (H, W) float32 variance; NaN where ``data_bkgsub`` is NaN.
     """
     rms = np.asarray(rms, dtype=np.float32)
-    var = np.broadcast_to(rms * rms, np.shape(data_bkgsub)).astype(np.float32)
+    shape = np.shape(data_bkgsub)
+    if rms.shape == shape:
+        var = np.multiply(rms, rms)  # a new float32 array: no broadcast copy needed
+    else:
+        var = np.broadcast_to(rms * rms, shape).astype(np.float32)
     if gain is not None and gain > 0:
         # NaN input stays NaN so masked pixels remain visible to the caller.
-        var += np.maximum(np.asarray(data_bkgsub, dtype=np.float32), 0.0) / np.float32(gain)
+        source = np.maximum(np.asarray(data_bkgsub, dtype=np.float32), np.float32(0.0))
+        source /= np.float32(gain)
+        var += source
     return var

@@ -241,20 +241,26 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     ref_name, sci_name = _label(ref_img, "reference"), _label(sci_img, "science")
     timer = _Timer()
 
+    # Only the RMS maps are kept: the level maps (and source masks) go as soon as they have
+    # been subtracted, which lowers the peak memory of the later stages by 160 MB at 4096^2.
     with _blame(sci_name):
         bkg_sci = estimate_background(sci_img.data, sci_img.mask)
-    with _blame(ref_name):
-        bkg_ref = estimate_background(ref_img.data, ref_img.mask)
     sci = sci_img.data - bkg_sci.level
     sci[sci_img.mask] = np.nan
+    sat_sci = _saturation_above_bkg(sci_img, bkg_sci)
+    rms_sci, sigma_sci = bkg_sci.rms, float(bkg_sci.sigma_adu)
+    del bkg_sci
+    with _blame(ref_name):
+        bkg_ref = estimate_background(ref_img.data, ref_img.mask)
     ref_native = ref_img.data - bkg_ref.level
     ref_native[ref_img.mask] = np.nan
-    sigma_sci, sigma_ref = float(bkg_sci.sigma_adu), float(bkg_ref.sigma_adu)
+    sat_ref = _saturation_above_bkg(ref_img, bkg_ref)
+    rms_ref, sigma_ref = bkg_ref.rms, float(bkg_ref.sigma_adu)
+    del bkg_ref
     timer.lap("background")
 
-    sat_sci = _saturation_above_bkg(sci_img, bkg_sci)
     with _blame(sci_name):
-        sci_stars = find_stars(sci, bkg_sci.rms, sci_img.mask, saturation=sat_sci,
+        sci_stars = find_stars(sci, rms_sci, sci_img.mask, saturation=sat_sci,
                                edge_px=settings.psf_size_px // 2 + 1)
     if len(sci_stars) == 0:
         raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
@@ -262,20 +268,19 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     timer.lap("stars")
 
     with _blame(ref_name):
-        ref_stars_native = find_stars(ref_native, bkg_ref.rms, ref_img.mask,
-                                      saturation=_saturation_above_bkg(ref_img, bkg_ref),
+        ref_stars_native = find_stars(ref_native, rms_ref, ref_img.mask, saturation=sat_ref,
                                       edge_px=settings.psf_size_px // 2 + 1)
     timer.lap("stars")
     with _blame(ref_name):
         alignment = align_reference(
             ref_native, ref_img.wcs, sci.shape, sci_img.wcs, ref_mask=ref_img.mask,
-            sci_data=sci, sci_mask=sci_img.mask, sci_rms=bkg_sci.rms, ref_rms=bkg_ref.rms,
+            sci_data=sci, sci_mask=sci_img.mask, sci_rms=rms_sci, ref_rms=rms_ref,
             min_overlap=settings.min_overlap, sci_stars=sci_stars, ref_stars=ref_stars_native)
     if alignment.overlap < settings.min_overlap:
         raise InputFileError(ref_name, f"overlaps only {alignment.overlap:.0%} of the science "
                                        f"image {sci_name} (need {settings.min_overlap:.0%})")
     ref = np.asarray(alignment.ref_on_sci, np.float32)
-    del ref_native, bkg_ref  # bounded memory: only the science-grid reference is kept
+    del ref_native, rms_ref  # bounded memory: only the science-grid reference is kept
     timer.lap("align")
 
     footprint = np.asarray(alignment.footprint, bool)
@@ -312,7 +317,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     with _blame(sci_name), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        psf_sci = measure_psf(sci, bkg_sci.rms, sci_img.mask, size_px=settings.psf_size_px,
+        psf_sci = measure_psf(sci, rms_sci, sci_img.mask, size_px=settings.psf_size_px,
                               tile_px=settings.tile_px, stars=sci_stars, saturation=sat_sci)
     _rewarn(caught, sci_name)
     with _blame(ref_name), warnings.catch_warnings(record=True) as caught:
@@ -333,7 +338,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
                                  good_ref[["x", "y"]].to_numpy(), match_px)
     xs, ys = good_sci["x"].to_numpy()[ia], good_sci["y"].to_numpy()[ia]
     xr, yr = good_ref["x"].to_numpy()[ib], good_ref["y"].to_numpy()[ib]
-    f_sci, e_sci = psf_photometry(sci, bkg_sci.rms, psf_sci, xs, ys, mask=sci_img.mask)
+    f_sci, e_sci = psf_photometry(sci, rms_sci, psf_sci, xs, ys, mask=sci_img.mask)
     f_ref, e_ref = psf_photometry(ref, sigma_ref, psf_ref, xr, yr, mask=ref_bad)
     with _blame(f"{sci_name} vs {ref_name}"):
         ratio = fit_flux_ratio(f_sci, f_ref, e_sci, e_ref)
@@ -342,7 +347,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     median_ratio = float(np.nanmedian(r[np.isfinite(r) & (f_ref > 0)]))
     timer.lap("flux_ratio")
 
-    var_sci = variance_map(sci, bkg_sci.rms, sci_img.meta.gain)
+    var_sci = variance_map(sci, rms_sci, sci_img.meta.gain)
     var_ref = variance_map(ref, sigma_ref, ref_img.meta.gain)
     bad = (mask & MASK_BAD_ANY) != 0
     var_sci[bad | ~np.isfinite(var_sci)] = 0

@@ -22,7 +22,13 @@ from astropy.io.fits.verify import VerifyWarning
 from astropy.wcs import WCS
 
 from astrid.diff.high_level import DiffResult
-from astrid.diff.zogy_core import MASK_EDGE, MASK_NO_OVERLAP, MASK_REF_BAD, MASK_SATURATED, MASK_SCI_BAD
+from astrid.diff.zogy_core import (
+    MASK_EDGE,
+    MASK_NO_OVERLAP,
+    MASK_REF_BAD,
+    MASK_SATURATED,
+    MASK_SCI_BAD,
+)
 from astrid.errors import InputFileError
 from astrid.fitsio import celestial_wcs, provenance_cards
 from astrid.provenance import atomic_path, file_sha256, write_json_atomic, write_table_atomic

@@ -100,9 +100,9 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
     height, width = data.shape
     bad = bad_pixels(data, mask)
     rms_map = np.broadcast_to(np.asarray(rms, dtype=np.float32), data.shape)
-    # Padded once, so every tile's cutouts are plain indexing (NaN beyond the edges).
-    padded = _pad(np.where(bad, np.float32(np.nan), data), half)
-    padded_rms = _pad(rms_map, half)
+    # Cutouts are taken straight from the image (NaN at bad pixels and beyond the edges):
+    # no padded or masked full-size copies.
+    image = _Image(data, bad)
     if stars is None:
         stars = find_stars(data, rms, bad, saturation=saturation, edge_px=half + 1)
     if len(stars) == 0:
@@ -117,7 +117,7 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
 
     if len(good) >= min_stars:
         good = good.nlargest(max_stars * max(1, ny * nx), "flux")
-        global_stamp, global_fwhm = _stack(padded, padded_rms, good, size_px, others=stars)
+        global_stamp, global_fwhm = _stack(image, rms_map, good, size_px, others=stars)
         method, n_global = "empirical", len(good)
     else:
         # Relax the selection to find anything star-like to fit a profile to.
@@ -131,7 +131,7 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
         loose = loose.nlargest(max_stars, "flux")
         warnings.warn(f"only {len(good)} good PSF stars (need {min_stars}); using a Moffat fit "
                       f"to {len(loose)} star(s)", stacklevel=2)
-        stack, _ = _stack(padded, padded_rms, loose, size_px, taper=False, others=stars)
+        stack, _ = _stack(image, rms_map, loose, size_px, taper=False, others=stars)
         params = _fit_moffat(stack)
         global_stamp = _normalise(_moffat_image(size_px, 1.0, 0.0, 0.0, params[3], params[4]))
         global_fwhm = _moffat_fwhm(params[3], params[4])
@@ -150,7 +150,7 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
                           & (good["x"] >= edges_x[ix] - 0.5) & (good["x"] < edges_x[ix + 1] - 0.5)]
             # A tile's own stack must beat the global one: ask for twice the minimum.
             if len(inside) >= 2 * min_stars:
-                stamps[iy, ix], fwhm_tiles[iy, ix] = _stack(padded, padded_rms,
+                stamps[iy, ix], fwhm_tiles[iy, ix] = _stack(image, rms_map,
                                                             inside.nlargest(max_stars, "flux"),
                                                             size_px, others=stars)
                 n_tiles[iy, ix] = len(inside)
@@ -189,9 +189,9 @@ def psf_photometry(data_bkgsub: np.ndarray, rms: np.ndarray | float, model: PSFM
     off_image = (rx < 0) | (ry < 0) | (rx > width - 1) | (ry > height - 1)
     ix = np.clip(rx, 0, width - 1).astype(int)
     iy = np.clip(ry, 0, height - 1).astype(int)
-    cut = _cutouts(_pad(np.where(bad, np.float32(np.nan), data), half), ix, iy, half)
+    cut = _cutouts(_Image(data, bad), ix, iy, half)
     rms_arr = np.broadcast_to(np.asarray(rms, dtype=np.float32), data.shape)
-    var = _cutouts(_pad(rms_arr, half), ix, iy, half) ** 2
+    var = _cutouts(_Image(rms_arr), ix, iy, half) ** 2
     psf = np.stack([psf_at(model, xi, yi) for xi, yi in zip(x, y, strict=True)]) if len(x) else \
         np.zeros((0, size_px, size_px), np.float32)
     psf = fourier_shift(psf, np.where(off_image, 0.0, x - ix), np.where(off_image, 0.0, y - iy))
@@ -262,20 +262,32 @@ def _clip_fwhm(stars: pd.DataFrame) -> pd.DataFrame:
     return stars[(np.abs(fwhm - med) <= tol) & (ell - med_ell <= tol_ell)]
 
 
-def _pad(image: np.ndarray, half: int) -> np.ndarray:
-    """float32 copy of ``image`` with a NaN border of ``half`` pixels, for ``_cutouts``."""
-    return np.pad(np.asarray(image, dtype=np.float32), half, constant_values=np.nan)
+@dataclass(frozen=True)
+class _Image:
+    """An image to cut stamps from: float32 ``data`` and optional bool ``bad`` (read as NaN)."""
+
+    data: np.ndarray
+    bad: np.ndarray | None = None
 
 
-def _cutouts(padded: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
-    """(N, S, S) cutouts of a ``_pad``-ded image centred on integer pixels (ix, iy)."""
+def _cutouts(image: _Image, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    """(N, S, S) float32 cutouts centred on integer pixels (ix, iy); NaN at bad pixels and
+    beyond the image edges (only the stamps are gathered, never a padded copy of the image)."""
+    data = image.data
+    height, width = data.shape
     offsets = np.arange(-half, half + 1)
-    rows = (iy + half)[:, None, None] + offsets[None, :, None]
-    cols = (ix + half)[:, None, None] + offsets[None, None, :]
-    return padded[rows, cols]
+    rows = np.asarray(iy)[:, None, None] + offsets[None, :, None]
+    cols = np.asarray(ix)[:, None, None] + offsets[None, None, :]
+    outside = (rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)
+    rows, cols = np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)
+    cut = np.array(data[rows, cols], dtype=np.float32)
+    if image.bad is not None:
+        outside = outside | image.bad[rows, cols]
+    cut[outside] = np.nan
+    return cut
 
 
-def _stack(padded: np.ndarray, padded_rms: np.ndarray, stars: pd.DataFrame,
+def _stack(image: _Image, rms_map: np.ndarray, stars: pd.DataFrame,
            size_px: int, taper: bool = True,
            others: pd.DataFrame | None = None) -> tuple[np.ndarray, float]:
     """Normalised, sub-pixel-centred stack of the stars; returns (stamp, FWHM px).
@@ -291,8 +303,8 @@ def _stack(padded: np.ndarray, padded_rms: np.ndarray, stars: pd.DataFrame,
     half = size_px // 2
     x, y = stars["x"].to_numpy(), stars["y"].to_numpy()
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    cut = _cutouts(padded, ix, iy, half)
-    noise = padded_rms[iy + half, ix + half]  # the RMS map is smooth on a stamp's scale
+    cut = _cutouts(image, ix, iy, half)
+    noise = rms_map[iy, ix]  # the RMS map is smooth on a stamp's scale
     # Stars with masked pixels in the core would bias the stack; wing holes become zero weight.
     core = np.abs(np.arange(-half, half + 1)) <= 2
     ok = np.isfinite(cut[:, core][:, :, core]).all(axis=(1, 2)) & (noise > 0)

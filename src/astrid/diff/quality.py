@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from scipy.signal import fftconvolve
 
-from astrid.diff.zogy_core import diff_kernels
+from astrid.diff.zogy_core import diff_kernels, dilate
 
 _ROBUST = 1.4826  # MAD -> sigma for a Gaussian
 
@@ -39,8 +38,15 @@ def source_free(sci: np.ndarray, ref: np.ndarray, sigma_sci: float, sigma_ref: f
     h, w = (sci.shape[0] // bin_px) * bin_px, (sci.shape[1] // bin_px) * bin_px
 
     def binned(a):
-        a = np.nan_to_num(a[:h, :w], nan=0.0)
-        return a.reshape(h // bin_px, bin_px, w // bin_px, bin_px).sum(axis=(1, 3))
+        # In bands of rows: the NaN-zeroed copy never has the size of the image.
+        out = np.empty((h // bin_px, w // bin_px), np.result_type(a.dtype, np.float32))
+        band = bin_px * max(1, 256 // bin_px)
+        for y0 in range(0, h, band):
+            y1 = min(h, y0 + band)
+            part = np.nan_to_num(a[y0:y1, :w], nan=0.0)
+            out[y0 // bin_px:y1 // bin_px] = part.reshape(
+                (y1 - y0) // bin_px, bin_px, w // bin_px, bin_px).sum(axis=(1, 3))
+        return out
 
     sources = np.zeros((h // bin_px, w // bin_px), bool)
     for img, sigma in ((sci, sigma_sci), (ref, sigma_ref)):
@@ -50,7 +56,7 @@ def source_free(sci: np.ndarray, ref: np.ndarray, sigma_sci: float, sigma_ref: f
         noise = max(robust_std(b[::2, ::2]), sigma * bin_px)
         sources |= b > thresh_sigma * noise
     grow = max(1, int(np.ceil(grow_px / bin_px)))
-    sources = ndimage.maximum_filter(sources.view(np.uint8), size=2 * grow + 1).view(bool)
+    sources = dilate(sources, grow)
     return ~sources
 
 

@@ -19,11 +19,11 @@ next to them; the kernel footprint around them is flagged in the output mask.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
-from scipy import ndimage
 
 # Output mask bits (uint8), on the science grid. See docs/interfaces.md.
 MASK_SCI_BAD = 1  # bad science pixel, or within the kernel footprint of one
@@ -334,11 +334,36 @@ def _tile_value(value, sl) -> float:
 
 
 def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
-    """Dilate a boolean image by a (2r+1)^2 box (separable, fast)."""
+    """Dilate a boolean image by a (2r+1)^2 box (outside the image counts as False).
+
+    The same as ``ndimage.maximum_filter(flags, 2r + 1, mode="constant")``, but separable
+    and by OR-ing shifted slices with doubling widths: O(log r) whole-array passes per axis
+    instead of a per-pixel running maximum, several times faster on 4k frames.
+    """
+    flags = np.asarray(flags, bool)
     if radius_px <= 0 or not flags.any():
         return flags.copy()
-    return ndimage.maximum_filter(flags.view(np.uint8), size=2 * radius_px + 1,
-                                  mode="constant").view(bool)
+    return _dilate_axis(_dilate_axis(flags, int(radius_px), 0), int(radius_px), 1)
+
+
+def _dilate_axis(flags: np.ndarray, r: int, axis: int) -> np.ndarray:
+    n = flags.shape[axis]
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (r, r)
+    run = np.pad(flags, pad)  # run[j] covers padded j .. j + width - 1
+    width, total = 1, 2 * r + 1
+    # Doubling: OR with a copy shifted by the current width until the next step would overshoot.
+    while 2 * width <= total:
+        cut = run.shape[axis] - width
+        head = run[:cut] if axis == 0 else run[:, :cut]
+        tail = run[width:] if axis == 0 else run[:, width:]
+        run = head | tail
+        width *= 2
+    # Two overlapping windows of ``width`` cover exactly ``total``.
+    shift = total - width
+    if axis == 0:
+        return run[:n] | run[shift:shift + n]
+    return run[:, :n] | run[:, shift:shift + n]
 
 
 def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: PSFSource, *,
@@ -377,9 +402,12 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
     bad_sci = ~np.isfinite(sci)
     bad_ref = ~np.isfinite(ref)
     if bad_sci.any() or bad_ref.any():
-        in_mask = in_mask | np.where(bad_sci, MASK_SCI_BAD, 0).astype(np.uint8)
-        in_mask |= np.where(bad_ref, MASK_REF_BAD, 0).astype(np.uint8)
+        # Set in place on a copy: np.where(bad, bit, 0) would build an int64 image (8 B/px).
+        in_mask = in_mask.copy()
+        in_mask[bad_sci] |= MASK_SCI_BAD
+        in_mask[bad_ref] |= MASK_REF_BAD
         bad |= bad_sci | bad_ref
+    del bad_sci, bad_ref
     any_bad = bool(bad.any())
 
     def tile_inputs(sl):
@@ -422,34 +450,56 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
                                           _tile_value(sigma_ref, np.s_[:, :]),
                                           _tile_value(sigma_sci, np.s_[:, :]), flux_ratio)
         overlap_px = max(overlap_px, kernel_radius_px(k_ref, k_sci) + 2)
+    def run_tile(y0, y1, x0, x1, workers):
+        """ZOGY of one tile, its interior written into the outputs (disjoint per tile)."""
+        py0, py1 = max(0, y0 - overlap_px), min(h, y1 + overlap_px)
+        px0, px1 = max(0, x0 - overlap_px), min(w, x1 + overlap_px)
+        sl = np.s_[py0:py1, px0:px1]
+        xc, yc = 0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)
+        t_ref, t_sci, t_var_ref, t_var_sci = tile_inputs(sl)
+        tile = zogy_tile(
+            t_ref, t_sci, psf_ref_at(xc, yc), psf_sci_at(xc, yc),
+            sigma_ref=_tile_value(sigma_ref, sl), sigma_sci=_tile_value(sigma_sci, sl),
+            flux_ratio=flux_ratio, var_ref=t_var_ref, var_sci=t_var_sci,
+            sigma_x_px=sigma_x_px, sigma_y_px=sigma_y_px, fft_workers=workers)
+        del t_ref, t_sci, t_var_ref, t_var_sci
+        inner = np.s_[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+        out = np.s_[y0:y1, x0:x1]
+        diff[out] = tile.diff[inner]
+        std = np.sqrt(tile.var_score[inner])
+        score = tile.score[inner]
+        np.divide(score, std, out=scorr[out])
+        # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
+        to_sci = np.float32(flux_ratio / tile.flux_zp_score)
+        np.multiply(score, to_sci, out=flux[out])
+        np.multiply(std, to_sci, out=flux_err[out])
+        return tile.kernel_radius_px, tile.flux_zp_score, tile.flux_zp_diff
+
+    boxes = [(y0, y1, x0, x1) for y0, y1 in zip(edges_y[:-1], edges_y[1:], strict=True)
+             for x0, x1 in zip(edges_x[:-1], edges_x[1:], strict=True)]
+    n_threads = min(max(1, int(fft_workers)), len(boxes))
+    if n_threads > 1:
+        # Whole tiles in parallel, one FFT thread each: the FFTs are as before (pocketfft
+        # splits a transform into independent 1-D ones), and the element-wise work between
+        # them, serial within a tile, now runs on every core too.
+        # The calling thread takes its share, so only n_threads - 1 helper threads (and
+        # malloc arenas, which keep freed tile buffers) are added.
+        results = [None] * len(boxes)
+        with ThreadPoolExecutor(max_workers=n_threads - 1) as pool:
+            helped = {k: pool.submit(run_tile, *boxes[k], 1)
+                      for k in range(len(boxes)) if k % n_threads}
+            for k in range(0, len(boxes), n_threads):
+                results[k] = run_tile(*boxes[k], 1)
+            for k, future in helped.items():
+                results[k] = future.result()
+    else:
+        results = [run_tile(*box, fft_workers) for box in boxes]
     radius = 0
     zp_center = None
-    for y0, y1 in zip(edges_y[:-1], edges_y[1:], strict=True):
-        for x0, x1 in zip(edges_x[:-1], edges_x[1:], strict=True):
-            py0, py1 = max(0, y0 - overlap_px), min(h, y1 + overlap_px)
-            px0, px1 = max(0, x0 - overlap_px), min(w, x1 + overlap_px)
-            sl = np.s_[py0:py1, px0:px1]
-            xc, yc = 0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)
-            t_ref, t_sci, t_var_ref, t_var_sci = tile_inputs(sl)
-            tile = zogy_tile(
-                t_ref, t_sci, psf_ref_at(xc, yc), psf_sci_at(xc, yc),
-                sigma_ref=_tile_value(sigma_ref, sl), sigma_sci=_tile_value(sigma_sci, sl),
-                flux_ratio=flux_ratio, var_ref=t_var_ref, var_sci=t_var_sci,
-                sigma_x_px=sigma_x_px, sigma_y_px=sigma_y_px, fft_workers=fft_workers)
-            del t_ref, t_sci, t_var_ref, t_var_sci
-            inner = np.s_[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
-            out = np.s_[y0:y1, x0:x1]
-            diff[out] = tile.diff[inner]
-            std = np.sqrt(tile.var_score[inner])
-            score = tile.score[inner]
-            np.divide(score, std, out=scorr[out])
-            # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
-            to_sci = np.float32(flux_ratio / tile.flux_zp_score)
-            np.multiply(score, to_sci, out=flux[out])
-            np.multiply(std, to_sci, out=flux_err[out])
-            radius = max(radius, tile.kernel_radius_px)
-            if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
-                zp_center = (tile.flux_zp_score, tile.flux_zp_diff)
+    for (y0, y1, x0, x1), (tile_radius, zp_score, zp_diff) in zip(boxes, results, strict=True):
+        radius = max(radius, tile_radius)
+        if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
+            zp_center = (zp_score, zp_diff)
 
     out_mask = np.zeros((h, w), np.uint8)
     for bit in (MASK_SCI_BAD, MASK_REF_BAD, MASK_NO_OVERLAP, MASK_SATURATED):
