@@ -223,7 +223,7 @@ class _Timer:
 def prepare_pair(reference, science, settings: DiffSettings | None = None) -> PreparedPair:
     """Background, alignment, PSFs, flux ratio and variance maps of a reference/science pair."""
     from astrid.diff.align import align_reference
-    from astrid.diff.background import estimate_background, variance_map
+    from astrid.diff.background import variance_map
     from astrid.diff.psf import measure_psf, psf_photometry
     from astrid.diff.stars import find_stars, fit_flux_ratio, good_stars, match_positions
     from astrid.diff.zogy_core import (
@@ -241,22 +241,10 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     ref_name, sci_name = _label(ref_img, "reference"), _label(sci_img, "science")
     timer = _Timer()
 
-    # Only the RMS maps are kept: the level maps (and source masks) go as soon as they have
-    # been subtracted, which lowers the peak memory of the later stages by 160 MB at 4096^2.
     with _blame(sci_name):
-        bkg_sci = estimate_background(sci_img.data, sci_img.mask)
-    sci = sci_img.data - bkg_sci.level
-    sci[sci_img.mask] = np.nan
-    sat_sci = _saturation_above_bkg(sci_img, bkg_sci)
-    rms_sci, sigma_sci = bkg_sci.rms, float(bkg_sci.sigma_adu)
-    del bkg_sci
+        sci, rms_sci, sigma_sci, sat_sci = _subtract_background(sci_img)
     with _blame(ref_name):
-        bkg_ref = estimate_background(ref_img.data, ref_img.mask)
-    ref_native = ref_img.data - bkg_ref.level
-    ref_native[ref_img.mask] = np.nan
-    sat_ref = _saturation_above_bkg(ref_img, bkg_ref)
-    rms_ref, sigma_ref = bkg_ref.rms, float(bkg_ref.sigma_adu)
-    del bkg_ref
+        ref_native, rms_ref, sigma_ref, sat_ref = _subtract_background(ref_img)
     timer.lap("background")
 
     with _blame(sci_name):
@@ -395,6 +383,19 @@ def _stars_on_science_grid(stars: pd.DataFrame, alignment, ref_wcs, sci_wcs,
     out["flag_edge"] = ((out["x"] < edge_px) | (out["y"] < edge_px)
                         | (out["x"] > w - 1 - edge_px) | (out["y"] > h - 1 - edge_px))
     return out.reset_index(drop=True)
+
+
+def _subtract_background(img: Image):
+    """Background-subtracted data (NaN at bad pixels), RMS map, global sigma and saturation
+    level above the background. Only the RMS map is kept: the level map (and source mask)
+    goes as soon as it has been subtracted, lowering the later stages' peak memory by
+    160 MB at 4096^2."""
+    from astrid.diff.background import estimate_background
+
+    bkg = estimate_background(img.data, img.mask)
+    data = img.data - bkg.level
+    data[img.mask] = np.nan
+    return data, bkg.rms, float(bkg.sigma_adu), _saturation_above_bkg(img, bkg)
 
 
 def _saturation_above_bkg(image: Image, bkg) -> float | None:
