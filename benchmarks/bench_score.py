@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +75,28 @@ def bench(model_dir: Path, stamps: np.ndarray, threads: int, batch: int) -> dict
     return out
 
 
+def untrained_braai(path: Path, stamp_size: int = 63) -> Path:
+    """A braai model directory with random weights: speed does not depend on the weights, so
+    the benchmark runs on a fresh clone where the trained baseline (runs/) is absent."""
+    import torch
+
+    from astrid.ml.export import export_onnx
+    from astrid.ml.models import architecture_record, build_model, save_weights
+    from astrid.provenance import write_json_atomic
+
+    path.mkdir(parents=True)
+    torch.manual_seed(0)
+    arch = architecture_record("braai", stamp_size)
+    save_weights(path / "model.pt", build_model("braai", stamp_size).eval(), arch)
+    write_json_atomic(path / "model.json", {
+        "format": "astrid-model", "format_version": 1, "architecture": "braai",
+        "architecture_kwargs": arch["kwargs"], "stamp_size": stamp_size,
+        "channels": ["sci", "ref", "diff"], "normalisation": "l2", "temperature": 1.0,
+        "threshold": 0.5, "metrics": {}})
+    export_onnx(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="model directory (repeatable); default: "
@@ -84,8 +107,10 @@ def main() -> None:
     args = ap.parse_args()
     from astrid.ml.score import default_model_dir
 
-    models = [Path(m) for m in args.model] if args.model else [
-        p for p in (ROOT / "runs" / "default" / "models" / "braai", default_model_dir()) if p.exists()]
+    braai_dir = ROOT / "runs" / "default" / "models" / "braai"
+    if not args.model and not braai_dir.exists():
+        braai_dir = untrained_braai(Path(tempfile.mkdtemp()) / "braai")
+    models = [Path(m) for m in args.model] if args.model else [braai_dir, default_model_dir()]
     stamps = triplets(args.n)
     print(f"{args.n} triplets 63x63, threads={args.threads}, batch={args.batch}, cpus={os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}")
