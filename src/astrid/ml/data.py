@@ -97,19 +97,24 @@ def standardise_meta(meta: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
             out[col] = pd.to_numeric(values, errors="coerce").fillna(fill).astype(np.int8)
         elif col == "edge":
             out[col] = values.fillna(False).astype(bool)
+    extra = {}
     for col in meta.columns:
         if col in out:
             continue
         values = meta[col]
         if pd.api.types.is_bool_dtype(values):
-            out[col] = values.astype(bool)
+            extra[col] = values.astype(bool)
         elif pd.api.types.is_integer_dtype(values):
-            out[col] = values.astype(np.int64)
+            extra[col] = values.astype(np.int64)
         elif pd.api.types.is_numeric_dtype(values):
-            out[col] = values.astype(np.float64)
+            extra[col] = values.astype(np.float64)
         else:
-            out[col] = _as_text(values)
-    return out
+            extra[col] = _as_text(values)
+    if not extra:
+        return out
+    # One concat instead of many inserts: pandas warns (and slows) on fragmented frames.
+    extra_frame = pd.DataFrame({c: v.to_numpy() for c, v in extra.items()}, index=out.index)
+    return pd.concat([out, extra_frame], axis=1)
 
 
 def _as_text(values: pd.Series) -> pd.Series:
