@@ -80,20 +80,12 @@ def untrained_braai(path: Path, stamp_size: int = 63) -> Path:
     the benchmark runs on a fresh clone where the trained baseline (runs/) is absent."""
     import torch
 
-    from astrid.ml.export import export_onnx
-    from astrid.ml.models import architecture_record, build_model, save_weights
-    from astrid.provenance import write_json_atomic
+    from astrid.ml.export import write_model_dir
+    from astrid.ml.models import architecture_record, build_model
 
-    path.mkdir(parents=True)
     torch.manual_seed(0)
-    arch = architecture_record("braai", stamp_size)
-    save_weights(path / "model.pt", build_model("braai", stamp_size).eval(), arch)
-    write_json_atomic(path / "model.json", {
-        "format": "astrid-model", "format_version": 1, "architecture": "braai",
-        "architecture_kwargs": arch["kwargs"], "stamp_size": stamp_size,
-        "channels": ["sci", "ref", "diff"], "normalisation": "l2", "temperature": 1.0,
-        "threshold": 0.5, "metrics": {}})
-    export_onnx(path)
+    write_model_dir(path, build_model("braai", stamp_size).eval(),
+                    architecture_record("braai", stamp_size), stamp_size=stamp_size)
     return path
 
 

@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 
 from astrid.cli import app
 from astrid.errors import AstridError, InputFileError
-from astrid.ml.export import export_onnx
-from astrid.ml.models import architecture_record, build_model, save_weights
+from astrid.ml.export import write_model_dir
+from astrid.ml.models import architecture_record, build_model
 from astrid.ml.score import adapt_stamp_size, score_triplets
-from astrid.provenance import write_json_atomic
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,12 +29,9 @@ def make_model_dir(path, name="astrid", size=31, temperature=1.7, seed=0):
     torch.manual_seed(seed)
     kwargs = {"widths": [8, 16, 32]} if name == "astrid" else {}
     net = build_model(name, size, **kwargs).eval()
-    path.mkdir(parents=True)
-    save_weights(path / "model.pt", net, architecture_record(name, size, **kwargs))
-    write_json_atomic(path / "model.json", {
-        "format": "astrid-model", "architecture": name, "stamp_size": size,
-        "normalisation": "l2", "temperature": temperature, "threshold": 0.5})
-    return path, export_onnx(path)
+    report = write_model_dir(path, net, architecture_record(name, size, **kwargs),
+                             stamp_size=size, temperature=temperature)
+    return path, report
 
 
 @pytest.fixture(scope="module")

@@ -118,22 +118,14 @@ def make_model_dir(path: Path, *, seed: int = 0, stamp_size: int = 21,
     project's own save and export functions; untrained unless ``net`` is given."""
     import torch
 
-    from astrid.ml.export import export_onnx
-    from astrid.ml.models import architecture_record, build_model, save_weights
-    from astrid.provenance import write_json_atomic
+    from astrid.ml.export import write_model_dir
+    from astrid.ml.models import architecture_record, build_model
 
-    path.mkdir(parents=True, exist_ok=True)
     arch = architecture_record("astrid", stamp_size, widths=list(widths))
     if net is None:
         torch.manual_seed(seed)
         net = build_model("astrid", stamp_size, widths=list(widths)).eval()
-    save_weights(path / "model.pt", net, arch)
-    write_json_atomic(path / "model.json", {
-        "format": "astrid-model", "format_version": 1, "architecture": "astrid",
-        "architecture_kwargs": arch["kwargs"], "stamp_size": stamp_size,
-        "channels": ["sci", "ref", "diff"], "normalisation": "l2", "temperature": 1.0,
-        "threshold": 0.5, "metrics": {}})
-    export_onnx(path)
+    write_model_dir(path, net, arch, stamp_size=stamp_size, metrics={})
     return path
 
 

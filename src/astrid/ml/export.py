@@ -44,6 +44,36 @@ def probability_module(net, temperature: float):
     return _Probability().eval()
 
 
+def write_model_dir(path, net, architecture: dict, *, stamp_size: int,
+                    normalisation: str = "l2", temperature: float = 1.0, threshold: float = 0.5,
+                    example: np.ndarray | None = None, **info) -> ExportReport:
+    """Write a complete model directory: ``model.pt``, ``model.json`` and a verified
+    ``model.onnx``.
+
+    Parameters
+    ----------
+    path : the directory (created).
+    net : the network (evaluation mode); ``architecture`` its record from
+        :func:`astrid.ml.models.architecture_record`.
+    stamp_size, normalisation, temperature, threshold : what scoring needs to know.
+    example : optional normalised triplets to verify the ONNX export on.
+    **info : further ``model.json`` fields (metrics, training record, provenance, ...).
+    """
+    from astrid.ml.models import save_weights
+    from astrid.provenance import write_json_atomic
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_weights(path / "model.pt", net, architecture)
+    write_json_atomic(path / "model.json", {
+        "format": "astrid-model", "format_version": 1,
+        "architecture": architecture["name"], "architecture_kwargs": architecture["kwargs"],
+        "stamp_size": stamp_size, "channels": ["sci", "ref", "diff"],
+        "normalisation": normalisation, "temperature": temperature, "threshold": threshold,
+        **info})
+    return export_onnx(path, example=example)
+
+
 def export_onnx(model_dir, example: np.ndarray | None = None, *, seed: int = 0) -> ExportReport:
     """Write ``model_dir/model.onnx`` from ``model.pt`` + ``model.json`` and verify it.
 

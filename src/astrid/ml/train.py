@@ -250,7 +250,8 @@ def train(dataset_path, out_dir, settings: TrainSettings | None = None, *,
     y_train = torch.from_numpy(labels[rows["train"]])
     y_val = labels[rows["val"]].astype(np.int64)
 
-    from astrid.ml.models import architecture_record, build_model, save_weights
+    from astrid.ml.export import write_model_dir
+    from astrid.ml.models import architecture_record, build_model
 
     kwargs = {"widths": [settings.width, 2 * settings.width, 4 * settings.width]} \
         if settings.model == "astrid" else {}
@@ -354,35 +355,26 @@ def train(dataset_path, out_dir, settings: TrainSettings | None = None, *,
     _, threshold = M.fnr_at_fpr(y_val, val_prob, 0.01) if len(np.unique(y_val)) == 2 else (0, 0.5)
     # +inf means no threshold reaches 1% FPR with any real kept: 1.0 keeps (almost) nothing
     threshold = min(float(threshold), 1.0)
-    save_weights(out_dir / "model.pt", model, arch)
     # the split used, so that evaluation finds the same held-out rows
     used = pd.Series("", index=meta.index, dtype=object)
     for name, idx in rows.items():
         used.iloc[idx] = name
     write_table_atomic(out_dir / SPLIT_FILE, pd.DataFrame(
         {"triplet_id": meta["triplet_id"].astype(str), "split": used.astype(str)}))
-    info = {
-        "format": "astrid-model", "format_version": 1,
-        "architecture": arch["name"], "architecture_kwargs": arch["kwargs"],
-        "stamp_size": size, "channels": ["sci", "ref", "diff"],
-        "normalisation": settings.normalisation, "sky_subtract": settings.sky_subtract,
-        "temperature": temperature,
-        "threshold": float(threshold), "threshold_rule": "probability at 1% FPR on validation",
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-        "metrics": {"val": M.classification_metrics(y_val, val_prob, threshold=threshold,
-                                                    groups=meta[settings.group_by].to_numpy()[rows["val"]],
-                                                    n_boot=200)},
-        "training": {"dataset": str(dataset_path), "group_by": settings.group_by,
-                     "split_counts": {k: int(len(v)) for k, v in rows.items()},
-                     "n_train_real": int(n_pos), "n_train_bogus": int(n_neg),
-                     "settings": settings.model_dump(mode="json")},
-        "provenance": provenance(settings, [dataset_path], seed=settings.seed),
-    }
-    write_json_atomic(out_dir / "model.json", info)
-
-    from astrid.ml.export import export_onnx
-
-    export_onnx(out_dir, example=x_val[:64].numpy())
+    write_model_dir(
+        out_dir, model, arch, stamp_size=size, normalisation=settings.normalisation,
+        temperature=temperature, threshold=float(threshold), example=x_val[:64].numpy(),
+        sky_subtract=settings.sky_subtract,
+        threshold_rule="probability at 1% FPR on validation",
+        best_epoch=state["best_epoch"], epochs_run=state["epoch"],
+        metrics={"val": M.classification_metrics(y_val, val_prob, threshold=threshold,
+                                                 groups=meta[settings.group_by].to_numpy()[rows["val"]],
+                                                 n_boot=200)},
+        training={"dataset": str(dataset_path), "group_by": settings.group_by,
+                  "split_counts": {k: int(len(v)) for k, v in rows.items()},
+                  "n_train_real": int(n_pos), "n_train_bogus": int(n_neg),
+                  "settings": settings.model_dump(mode="json")},
+        provenance=provenance(settings, [dataset_path], seed=settings.seed))
     return TrainResult(out_dir, history, state["best_epoch"], temperature, float(threshold), True)
 
 
