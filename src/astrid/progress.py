@@ -19,11 +19,11 @@ def is_quiet() -> bool:
     return _quiet or os.environ.get("ASTRID_QUIET", "") not in ("", "0")
 
 
-def track(items: Iterable[T], description: str = "working", total: int | None = None) -> Iterator[T]:
-    """Iterate over ``items`` with a Rich progress bar on stderr unless quiet."""
+def new_bar(with_status: bool = False):
+    """A Rich progress bar on stderr (description, bar, n/total, elapsed, remaining and, with
+    ``with_status``, a ``status`` field for live numbers); None when quiet."""
     if is_quiet():
-        yield from items
-        return
+        return None
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -34,11 +34,22 @@ def track(items: Iterable[T], description: str = "working", total: int | None = 
         TimeRemainingColumn,
     )
 
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    if with_status:
+        columns.append(TextColumn("{task.fields[status]}"))
+    return Progress(*columns, console=Console(stderr=True), transient=False)
+
+
+def track(items: Iterable[T], description: str = "working", total: int | None = None) -> Iterator[T]:
+    """Iterate over ``items`` with a Rich progress bar on stderr unless quiet."""
+    bar = new_bar()
+    if bar is None:
+        yield from items
+        return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

@@ -38,7 +38,7 @@ from astrid.config import TrainSettings
 from astrid.errors import AstridError
 from astrid.ml import metrics as M
 from astrid.ml.data import LABEL_BOGUS, LABEL_REAL, SPLITS, grouped_split, load_dataset
-from astrid.progress import is_quiet
+from astrid.progress import new_bar
 from astrid.provenance import (
     atomic_path,
     config_hash,
@@ -400,23 +400,10 @@ class _TrainProgress:
         self.status = ""
 
     def __enter__(self):
-        if not is_quiet():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[status]}"),
-                                console=Console(stderr=True))
+        self.bar = new_bar(with_status=True)
+        if self.bar is not None:
             self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.total, status="")
+            self.task = self.bar.add_task("training", total=self.total, status="")
         return self
 
     def start_at(self, epoch: int, history: list[dict]) -> None:
