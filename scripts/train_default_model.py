@@ -2,15 +2,20 @@
 
     python scripts/train_default_model.py all --config configs/model_default.yaml --work runs/default
 
-Stages (each resumable; ``all`` runs build, train, package):
+Stages (each resumable; ``all`` runs build, train, ensemble, package):
 
 ``build``    simulate the survey (``sim`` section), ZOGY-difference every pair, detect
              candidates, cut and label triplets into ``WORK/dataset``, grouped split by pair.
 ``train``    train ``astrid`` (the ``train`` section) and the ``braai`` baseline on the same
              split; evaluate both on the held-out test pairs; cross-PSF validation (train on
              the sharper half of the pairs, test on the blurrier half).
-``package``  copy the astrid model to ``src/astrid/models/default`` with ``metrics.json``,
-             ``summary.md`` and the evaluation plots.
+``ensemble`` average the logits of the trained astrid and braai (``WORK/models/ensemble``):
+             temperature and threshold fitted on the validation split, as training does for
+             one network; compare the three on validation and adopt the ensemble only if its
+             FNR at FPR=1% beats both members' there; evaluate it on the test pairs (``WORK/eval/ensemble``).
+``package``  copy the adopted model (the ensemble if adopted, else astrid) to
+             ``src/astrid/models/default`` with ``metrics.json`` (astrid, braai and ensemble
+             side by side on the same test pairs), ``summary.md`` and the evaluation plots.
 ``alerts``   score the real ZTF/Rubin alerts of ``../shared/data`` and add agreement with
              braai's ``drb`` and the recall of TNS-typed supernovae to the packaged metrics.
 
@@ -176,6 +181,134 @@ def train_all(settings, work: Path, device: str, threads: int,
         f"FNR@1%FPR {o['fnr_at_fpr1']['value']:.4f} ({time.perf_counter() - t0:.0f} s)")
 
 
+# --- ensemble -----------------------------------------------------------------------------------
+
+ENSEMBLE_MEMBERS = ("astrid", "braai")
+SELECTION_RULE = ("ensemble adopted if its validation FNR at FPR=1% (the goal metric) is below "
+                  "every member's")
+
+
+def check_held_out(meta: pd.DataFrame, rows: dict, member_dirs, group_col: str) -> None:
+    """Refuse to calibrate or test on groups a member was trained on.
+
+    Each member records the split it was trained with (``split.parquet``, by triplet_id). A
+    dataset rebuilt since (another machine, changed code) may split its groups differently;
+    a val/test group holding a triplet a member trained on would leak, and a group none of
+    whose triplets the member knows cannot be checked.
+    """
+    from astrid.errors import AstridError
+    from astrid.ml.train import SPLIT_FILE
+
+    groups = meta[group_col].astype(str).to_numpy()
+    held_out = np.concatenate([rows["val"], rows["test"]])
+    for d in member_dirs:
+        if not (d / SPLIT_FILE).exists():
+            raise AstridError(f"{d}: no {SPLIT_FILE}, cannot check that val/test {group_col}s were held out")
+        used = pd.read_parquet(d / SPLIT_FILE)
+        member_split = meta["triplet_id"].astype(str).map(dict(zip(used["triplet_id"], used["split"],
+                                                                   strict=True))).to_numpy()
+        trained = set(groups[member_split == "train"])
+        known = set(groups[pd.notna(member_split)])
+        leaked = sorted(set(groups[held_out]) & trained)
+        unknown = sorted(set(groups[held_out]) - known)
+        if leaked or unknown:
+            raise AstridError(f"{d.name} was trained on another split of the groups: val/test "
+                              f"{group_col}s it trained on {leaked}, unknown to it {unknown}")
+
+
+def split_like(dataset: Path, model_dir: Path) -> None:
+    """Give ``dataset`` the pair split that the model in ``model_dir`` was trained with.
+
+    For models trained on an earlier build of the dataset (another machine, older code): its
+    ``split.parquet`` names the triplets of each split, whose ids start with their pair; every
+    pair of the rebuilt dataset goes to the split it had then. Pairs it never saw are refused.
+    """
+    from astrid.errors import AstridError
+    from astrid.ml.data import load_dataset, write_split
+    from astrid.ml.train import SPLIT_FILE
+
+    used = pd.read_parquet(model_dir / SPLIT_FILE)
+    pair_split = used.assign(pair=used["triplet_id"].str.split("/").str[0]).groupby("pair")["split"]
+    if (pair_split.nunique() > 1).any():
+        raise AstridError(f"{model_dir / SPLIT_FILE}: a pair spans two splits")
+    mapping = pair_split.first()
+    _, meta = load_dataset(dataset)
+    split = meta["pair_id"].astype(str).map(mapping)
+    if split.isna().any():
+        raise AstridError(f"{dataset}: pairs unknown to {model_dir.name}: "
+                          f"{sorted(set(meta['pair_id'][split.isna()]))}")
+    write_split(dataset, split, how={"split_from": str(model_dir)})
+    log(f"{dataset}: split taken from {model_dir}: {split.value_counts().to_dict()}")
+
+
+def build_ensemble(settings, work: Path, threads: int, members=ENSEMBLE_MEMBERS) -> dict:
+    """Ensemble of the trained members, calibrated and selected on validation, tested on test."""
+    import torch
+
+    from astrid.ml import metrics as M
+    from astrid.ml.data import load_dataset
+    from astrid.ml.evaluate import N_BOOT, evaluate
+    from astrid.ml.export import write_model_dir
+    from astrid.ml.models import load_ensemble
+    from astrid.ml.score import read_model_info
+    from astrid.ml.train import _load_split_tensor, predict_logits, split_rows
+    from astrid.progress import set_quiet
+    from astrid.provenance import provenance, write_table_atomic
+
+    set_quiet(True)
+    torch.set_num_threads(threads)
+    dataset, out = work / "dataset", work / "models" / "ensemble"
+    member_dirs = [work / "models" / m for m in members]
+    net, arch, prep = load_ensemble(member_dirs)
+    stamps, meta = load_dataset(dataset)
+    group_col = settings.train.group_by
+    rows = split_rows(meta, settings.train)  # the dataset's saved split, checked for group leaks
+    check_held_out(meta, rows, member_dirs, group_col)
+    x_val = _load_split_tensor(stamps, rows["val"], prep)
+    y_val = meta["label"].to_numpy()[rows["val"]].astype(int)
+    groups = meta[group_col].to_numpy()[rows["val"]]
+
+    # Members keep the temperature and threshold they were trained with; the ensemble's are
+    # fitted here exactly as train() does for one network.
+    infos = {m: read_model_info(d) for m, d in zip(members, member_dirs, strict=True)}
+    logits = {m: predict_logits(member, x_val) for m, member in zip(members, net.members, strict=True)}
+    logits["ensemble"] = predict_logits(net, x_val)
+    temperature = M.fit_temperature(logits["ensemble"], y_val)
+    _, threshold = M.fnr_at_fpr(y_val, M.sigmoid(logits["ensemble"] / temperature), 0.01)
+    threshold = min(float(threshold), 1.0)  # +inf: no threshold reaches 1% FPR
+    calib = {m: (i["temperature"], i["threshold"]) for m, i in infos.items()}
+    calib["ensemble"] = (temperature, threshold)
+    val = {name: M.classification_metrics(y_val, M.sigmoid(z / calib[name][0]), threshold=calib[name][1],
+                                          groups=groups, n_boot=N_BOOT)
+           for name, z in logits.items()}
+    fnr = {name: r["fnr_at_fpr1"]["value"] for name, r in val.items()}
+    adopted = bool(all(fnr["ensemble"] < fnr[m] for m in members))
+    for name, r in val.items():
+        log(f"{name} validation: FNR@1%FPR {_ci(r['fnr_at_fpr1'], True)} AUCPR {_ci(r['aucpr'])}")
+    log(f"ensemble {'adopted' if adopted else 'not adopted'} ({SELECTION_RULE})")
+
+    first = infos[members[0]]["training"]
+    training = {k: v for k, v in first.items() if k != "settings"}
+    training["settings"] = {"device": first["settings"].get("device"), "members": list(members)}
+    write_model_dir(
+        out, net, arch, stamp_size=prep["stamp_size"], normalisation=prep["normalisation"],
+        temperature=temperature, threshold=threshold, example=x_val[:64].numpy(),
+        sky_subtract=prep["sky_subtract"], threshold_rule="probability at 1% FPR on validation",
+        members={m: str(d) for m, d in zip(members, member_dirs, strict=True)},
+        selection={"rule": SELECTION_RULE, "adopted": adopted,
+                   "validation": {name: _brief({"overall": r}) for name, r in val.items()}},
+        metrics={"val": val["ensemble"]}, training=training,
+        provenance=provenance(settings, [dataset, *member_dirs]))
+    # the members' training histories, so that the package records what the ensemble cost
+    history = pd.concat([pd.read_csv(d / "history.csv").assign(model=m)
+                         for m, d in zip(members, member_dirs, strict=True)], ignore_index=True)
+    write_table_atomic(out / "history.csv", history)
+    rep = evaluate(out, dataset, work / "eval" / "ensemble", "test")
+    o = rep["overall"]
+    log(f"ensemble test: AUCPR {_ci(o['aucpr'])} FNR@1%FPR {_ci(o['fnr_at_fpr1'], True)} ECE {o['ece']:.4f}")
+    return {"adopted": adopted, "validation": val, "test": rep}
+
+
 # --- package ------------------------------------------------------------------------------------
 
 def _brief(report: dict) -> dict:
@@ -185,37 +318,64 @@ def _brief(report: dict) -> dict:
     return {k: o[k] for k in keys if k in o}
 
 
+def shipped_model(work: Path) -> str:
+    """The model to package: the ensemble if the ensemble stage adopted it, else astrid."""
+    info = work / "models" / "ensemble" / "model.json"
+    if info.exists() and json.loads(info.read_text())["selection"]["adopted"]:
+        return "ensemble"
+    return "astrid"
+
+
 def package(work: Path, dest: Path = PACKAGE_DIR) -> None:
     from astrid.provenance import write_json_atomic
 
-    src = work / "models" / "astrid"
+    shipped = shipped_model(work)
+    src = work / "models" / shipped
     dest.mkdir(parents=True, exist_ok=True)
+    old = dest / "metrics.json"
+    # real-alert results of an earlier `alerts` stage stay valid only for the same network
+    same_model = (dest / "model.onnx").exists() and \
+        (dest / "model.onnx").read_bytes() == (src / "model.onnx").read_bytes()
+    previous = json.loads(old.read_text()) if old.exists() and same_model else {}
     for name in PACKAGED_FILES:
         shutil.copy2(src / name, dest / name)
     for name in PLOTS:
-        if (work / "eval" / "astrid" / name).exists():
-            shutil.copy2(work / "eval" / "astrid" / name, dest / name)
-    reports = {n: json.loads((work / "eval" / n / "metrics.json").read_text()) for n in ("astrid", "braai")
-               if (work / "eval" / n / "metrics.json").exists()}
-    metrics = {"test_simulated": {n: _brief(r) for n, r in reports.items()},
-               "test_simulated_by_kind": reports["astrid"]["by_kind"],
-               "test_simulated_by_snr": reports["astrid"]["by_snr"],
-               "reliability": reports["astrid"]["reliability"]}
+        if (work / "eval" / shipped / name).exists():
+            shutil.copy2(work / "eval" / shipped / name, dest / name)
+    reports = {n: json.loads((work / "eval" / n / "metrics.json").read_text())
+               for n in ("astrid", "braai", "ensemble") if (work / "eval" / n / "metrics.json").exists()}
+    info = json.loads((src / "model.json").read_text())
+    metrics = {"default": shipped,
+               "test_simulated": {n: _brief(r) for n, r in reports.items()},
+               "test_simulated_by_kind": reports[shipped]["by_kind"],
+               "test_simulated_by_snr": reports[shipped]["by_snr"],
+               "reliability": reports[shipped]["reliability"]}
+    ensemble_info = work / "models" / "ensemble" / "model.json"
+    if ensemble_info.exists():
+        metrics["selection"] = json.loads(ensemble_info.read_text())["selection"]
     cross = work / "cross_psf" / "eval" / "metrics.json"
     if cross.exists():
         c = json.loads(cross.read_text())
-        metrics["cross_psf"] = {**c["cross"], **_brief(c)}
+        metrics["cross_psf"] = {"model": "astrid", **c["cross"], **_brief(c)}
     history = pd.read_csv(src / "history.csv")
-    metrics["training"] = json.loads((src / "model.json").read_text())["training"]
-    metrics["training"]["epochs_run"] = len(history)
+    metrics["training"] = info["training"]
+    metrics["training"]["epochs_run"] = (history.groupby("model").size().to_dict()
+                                         if "model" in history else len(history))
     metrics["training"]["train_time_s"] = float(history["elapsed_s"].sum())
-    old = dest / "metrics.json"
-    if old.exists():  # keep the real-alert results of an earlier `alerts` stage
-        previous = json.loads(old.read_text())
-        metrics.update({k: v for k, v in previous.items() if k.startswith("real_")})
+    bench = ROOT / "benchmarks" / "results" / "bench_score.json"
+    if bench.exists():
+        metrics["throughput"] = _throughput(json.loads(bench.read_text()))
+    metrics.update({k: v for k, v in previous.items() if k.startswith("real_")})
     write_json_atomic(dest / "metrics.json", metrics)
     write_summary(dest)
     log(f"packaged {src} -> {dest}")
+
+
+def _throughput(bench: dict) -> dict:
+    """The scoring-speed table of the summary, from benchmarks/results/bench_score.json."""
+    keys = ("onnx_inference", "score_triplets_onnx", "torch_contiguous", "torch_channels_last")
+    return {"machine": bench["machine"], "target_braai": bench["target_braai"],
+            "models": {name: {k: round(r[k]) for k in keys} for name, r in bench["models"].items()}}
 
 
 def alerts(shared: Path, dest: Path = PACKAGE_DIR) -> None:
@@ -261,9 +421,12 @@ def _training_line(tr: dict) -> str:
         return ""
     counts = tr.get("split_counts", {})
     st = tr.get("settings", {})
+    epochs = tr.get("epochs_run")
+    if isinstance(epochs, dict):  # an ensemble: each member's epochs
+        epochs = " + ".join(f"{n} {e}" for n, e in epochs.items())
     return (f"Trained on {sum(counts.values()):,} labelled simulated triplets (train/val/test "
             f"{counts.get('train', 0):,}/{counts.get('val', 0):,}/{counts.get('test', 0):,}, grouped by "
-            f"{tr.get('group_by')}), {tr.get('epochs_run')} epochs, {tr.get('train_time_s', 0):.0f} s on "
+            f"{tr.get('group_by')}), {epochs} epochs, {tr.get('train_time_s', 0):.0f} s on "
             f"device `{st.get('device', 'cpu')}`.")
 
 
@@ -273,8 +436,12 @@ def write_summary(dest: Path) -> None:
     m = json.loads((dest / "metrics.json").read_text())
     info = json.loads((dest / "model.json").read_text())
     t = m["test_simulated"]
+    shipped = m.get("default", info["architecture"])
+    kwargs = info.get("architecture_kwargs", {})
+    if "members" in kwargs:  # an ensemble: name the members, not their full records
+        kwargs = " + ".join(f"`{r['name']}` {r['kwargs']}" for r in kwargs["members"])
     lines = ["# AstrID default real/bogus model", "",
-             f"Architecture `{info['architecture']}` {info.get('architecture_kwargs', {})}, "
+             f"Architecture `{info['architecture']}` {kwargs}, "
              f"{info['stamp_size']}x{info['stamp_size']} triplets, `{info['normalisation']}` "
              f"normalisation, temperature {info['temperature']:.3f}, threshold "
              f"{info['threshold']:.4f} ({info['threshold_rule']}). Rebuilt by "
@@ -287,17 +454,26 @@ def write_summary(dest: Path) -> None:
         lines.append(f"| {name} | {r['n']} ({r['n_real']}/{r['n_bogus']}) | {_ci(r['aucpr'])} | "
                      f"{_ci(r['roc_auc'])} | {_ci(r['fnr_at_fpr1'], True)} | "
                      f"{_ci(r['fpr_at_fnr1'], True)} | {r['ece']:.4f} |")
+    if "selection" in m:
+        sel = m["selection"]
+        lines += ["", f"Chosen on the validation pairs, not on test: {sel['rule']}. "
+                  f"The ensemble was {'adopted' if sel['adopted'] else 'not adopted'}.", "",
+                  "| model (validation) | n (real/bogus) | AUCPR | FNR at FPR=1% |", "|---|---|---|---|"]
+        for name, r in sel["validation"].items():
+            lines.append(f"| {name} | {r['n']} ({r['n_real']}/{r['n_bogus']}) | {_ci(r['aucpr'])} | "
+                         f"{_ci(r['fnr_at_fpr1'], True)} |")
     if "cross_psf" in m:
         c = m["cross_psf"]
-        lines += ["", f"Cross-PSF: trained on pairs with science FWHM <= {c['fwhm_cut_px']:.2f} px, "
+        lines += ["", f"Cross-PSF ({c.get('model', 'astrid')} alone, not re-run for other models): "
+                  f"trained on pairs with science FWHM <= {c['fwhm_cut_px']:.2f} px, "
                   f"tested on the blurrier pairs: AUCPR {_ci(c['aucpr'])}, FNR at FPR=1% "
                   f"{_ci(c['fnr_at_fpr1'], True)}."]
-    lines += ["", "Recall (reals) and FPR (boguses) by kind at the threshold:", "",
+    lines += ["", f"Recall (reals) and FPR (boguses) by kind at the threshold ({shipped}):", "",
               "| kind | n | recall | FPR |", "|---|---|---|---|"]
     for k, r in sorted(m["test_simulated_by_kind"].items()):
         lines.append(f"| {k} | {r['n']} | {r.get('recall', float('nan')):.3f} | {r.get('fpr', float('nan')):.3f} |")
     if "test_simulated_by_snr" in m:
-        lines += ["", "By S/N of the detection (astrid):", "",
+        lines += ["", f"By S/N of the detection ({shipped}):", "",
                   "| S/N | reals | recall at threshold | FNR at FPR=1% within the bin | boguses | FPR |",
                   "|---|---|---|---|---|---|"]
         def lo(key):  # "[5.0, 7.0)" -> 5.0, for ordering
@@ -368,7 +544,9 @@ def main(argv=None) -> None:
     from astrid.config import load_settings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("build", "train", "package", "alerts", "all"))
+    ap.add_argument("stage", choices=("build", "train", "ensemble", "package", "alerts", "all"))
+    ap.add_argument("--split-from", help="ensemble stage: first give the dataset the pair split "
+                    "this model directory was trained with (members trained on an earlier build)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "model_default.yaml"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "default"))
     ap.add_argument("--workers", type=int, default=2)
@@ -387,6 +565,10 @@ def main(argv=None) -> None:
     if args.stage in ("train", "all"):
         train_all(settings, work, args.device, args.threads or settings.train.threads,
                   [m for m in args.models.split(",") if m], not args.no_cross)
+    if args.stage in ("ensemble", "all"):
+        if args.split_from:
+            split_like(work / "dataset", Path(args.split_from))
+        build_ensemble(settings, work, args.threads or settings.train.threads)
     if args.stage in ("package", "all"):
         package(work, Path(args.dest))
     if args.stage == "alerts":

@@ -7,7 +7,14 @@ import pytest
 
 from astrid.diff.background import estimate_background
 from astrid.diff.psf import measure_psf, psf_photometry
-from astrid.diff.stars import find_stars, fit_flux_ratio, good_stars, match_positions
+from astrid.diff.stars import (
+    BINNED_DETECTION_MIN_PX,
+    find_stars,
+    fit_flux_ratio,
+    good_stars,
+    match_positions,
+    sep_extract,
+)
 from astrid.errors import AstridError
 from astrid.fitsio import read_image
 
@@ -66,6 +73,27 @@ def test_find_stars_positions_fluxes_and_flags():
         found["flux_err"].to_numpy()[normal]
     assert np.std(pulls) < 2.0  # errors are background-only; source noise absent in this image
     assert len(good_stars(stars)) == normal.sum()
+
+
+def test_large_frames_found_binned_are_measured_at_full_resolution():
+    # Frames this large are searched on a 2x2-binned S/N image; sharp stars (FWHM 2 px) must
+    # all be found, with full-resolution centroids and sizes.
+    size = BINNED_DETECTION_MIN_PX + 76
+    xy = grid_positions(n_side=20, size=size, margin=40, seed=3)
+    image = render(xy, np.full(len(xy), 2e4), shape=(size, size), fwhm_px=2.0, seed=3)
+    stars = find_stars(image, SIGMA_ADU)
+    ia, ib = match_positions(stars[["x", "y"]].to_numpy(), xy, 1.0)
+    assert len(ia) == len(xy) == len(stars)
+    err = stars[["x", "y"]].to_numpy()[ia] - xy[ib]
+    assert np.sqrt(np.mean(err ** 2)) < 0.05
+    assert np.median(stars["fwhm_px"]) == pytest.approx(2.0, rel=0.2)
+
+
+def test_sep_extract_grows_its_pixel_stack_for_crowded_frames():
+    image = np.zeros((800, 800), np.float32)
+    image[100:700, 100:700] = 100.0  # 360,000 pixels above threshold: more than sep's default
+    objects = sep_extract(image, 1.0)
+    assert len(objects) == 1 and objects["npix"][0] >= 600 * 600
 
 
 def test_empty_image_gives_empty_table():

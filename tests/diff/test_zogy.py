@@ -218,3 +218,17 @@ def test_kernels_and_zero_points():
     tile = zogy_tile(np.zeros((64, 64), np.float32), np.zeros((64, 64), np.float32), psf_r, psf_n,
                      sigma_ref=4.0, sigma_sci=6.0, flux_ratio=2.0)
     assert tile.flux_zp_score == pytest.approx(f_s)
+
+
+@pytest.mark.parametrize("radius", [1, 6, 17])
+def test_dilate_equals_a_box_maximum_filter_also_in_bands(radius):
+    # Frames taller than a band are dilated band by band; the result must not show the seams.
+    from scipy import ndimage
+
+    from astrid.diff.zogy_core import _DILATE_BAND_PX, dilate
+
+    rng = np.random.default_rng(radius)
+    flags = rng.random((_DILATE_BAND_PX * 2 + 37, 150)) < 0.002
+    flags[_DILATE_BAND_PX - 1, 40] = flags[_DILATE_BAND_PX, 90] = True  # at a band seam
+    expected = ndimage.maximum_filter(flags, 2 * radius + 1, mode="constant")
+    assert np.array_equal(dilate(flags, radius), expected)

@@ -24,10 +24,15 @@ def _one_thread():
 
 
 
+SMALL_KWARGS = {"astrid": {"widths": [8, 16, 32]}, "braai": {},
+                "ensemble": {"members": [{"name": "astrid", "kwargs": {"widths": [8, 16, 32]}},
+                                         {"name": "braai", "kwargs": {}}]}}
+
+
 def make_model_dir(path, name="astrid", size=31, temperature=1.7, seed=0):
     """An untrained (random) model directory: enough to test export and scoring plumbing."""
     torch.manual_seed(seed)
-    kwargs = {"widths": [8, 16, 32]} if name == "astrid" else {}
+    kwargs = SMALL_KWARGS[name]
     net = build_model(name, size, **kwargs).eval()
     report = write_model_dir(path, net, architecture_record(name, size, **kwargs),
                              stamp_size=size, temperature=temperature)
@@ -45,7 +50,7 @@ def _ztf(shared_data):
     return np.stack([z["sci"], z["ref"], z["diff"]], axis=1), z
 
 
-@pytest.mark.parametrize("name", ["braai", "astrid"])
+@pytest.mark.parametrize("name", ["braai", "astrid", "ensemble"])
 def test_onnx_matches_torch_within_1e5(tmp_path, shared_data, name):
     path, report = make_model_dir(tmp_path / name, name=name, size=63)
     assert report.max_abs_diff <= 1e-5
@@ -57,6 +62,22 @@ def test_onnx_matches_torch_within_1e5(tmp_path, shared_data, name):
     # a batch split differently gives the same scores (no state leaks between batches)
     again = score_triplets(stamps, path, "onnx", threads=1, batch_size=7)
     np.testing.assert_allclose(again, onnx, atol=1e-6)
+
+
+def test_ensemble_exports_at_an_odd_small_size_and_scores_its_members_mean(tmp_path):
+    from astrid.ml.data import normalise
+    from astrid.ml.models import load_weights
+
+    size = 25
+    path, report = make_model_dir(tmp_path / "ens", name="ensemble", size=size, temperature=1.0)
+    assert report.max_abs_diff <= 1e-5
+    x = np.random.default_rng(2).normal(0, 1, (5, 3, size, size)).astype(np.float32)
+    prob = score_triplets(x, path, "onnx", threads=1)
+    net, _ = load_weights(path / "model.pt")
+    xt = torch.from_numpy(normalise(x, "l2"))
+    with torch.no_grad():
+        mean_logit = torch.stack([m(xt) for m in net.members]).mean(dim=0).numpy()
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-mean_logit)), atol=1e-5)
 
 
 def test_temperature_is_applied_in_the_graph(tmp_path):
@@ -171,10 +192,11 @@ def test_packaged_default_model_is_complete_and_scores_alerts(tmp_path, shared_d
 
     pkg = default_model_dir()
     info = json.loads((pkg / "model.json").read_text())
-    assert info["architecture"] == "astrid" and info["stamp_size"] == 63
+    assert info["architecture"] in ("astrid", "ensemble") and info["stamp_size"] == 63
     assert 0 < info["threshold"] < 1 and info["temperature"] > 0
     metrics = json.loads((pkg / "metrics.json").read_text())
-    assert {"astrid", "braai"} <= set(metrics["test_simulated"])
+    assert {"astrid", "braai", info["architecture"]} <= set(metrics["test_simulated"])
+    assert metrics.get("default", "astrid") == info["architecture"]
     assert sum(f.stat().st_size for f in pkg.iterdir()) < 5 * 2**20
     # the shipped ONNX graph and weights agree on real ZTF triplets
     stamps, _ = _ztf(shared_data)

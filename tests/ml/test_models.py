@@ -1,4 +1,5 @@
-"""Both networks run on any odd stamp size, overfit a tiny batch, and the D4 average is invariant."""
+"""Both networks run on any odd stamp size, overfit a tiny batch, and the D4 average is invariant;
+the ensemble averages its members' logits and round-trips through its weights file."""
 
 from __future__ import annotations
 
@@ -76,3 +77,55 @@ def test_a_tiny_batch_can_be_overfitted(name):
         opt.step()
     assert loss.item() < 0.02
     assert count_parameters(model) > 1000
+
+
+def _members():
+    return [{"name": "astrid", "kwargs": {"widths": [8, 16, 32]}}, {"name": "braai", "kwargs": {}}]
+
+
+@pytest.mark.parametrize("size", [21, 33])
+def test_ensemble_logit_is_the_mean_of_its_members(size):
+    torch.manual_seed(0)
+    model = build_model("ensemble", size, members=_members()).eval()
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        members = torch.stack([m(x) for m in model.members])
+    assert out.shape == (4,)
+    torch.testing.assert_close(out, members.mean(dim=0))
+    # members keep their own behaviour: astrid's D4 average makes its logit invariant
+    with torch.no_grad():
+        torch.testing.assert_close(model.members[0](x.transpose(2, 3)), members[0], atol=1e-5, rtol=1e-5)
+    # the state dict is namespaced by member
+    assert {tuple(k.split(".")[:2]) for k in model.state_dict()} == {("members", "0"), ("members", "1")}
+
+
+def test_ensemble_weights_round_trip_and_load_from_model_dirs(tmp_path):
+    from astrid.ml.models import architecture_record, load_ensemble, load_weights, save_weights
+
+    size = 23
+    x = torch.randn(3, 3, size, size)
+    dirs = []
+    for seed, member in enumerate(_members()):
+        torch.manual_seed(seed)
+        net = build_model(member["name"], size, **member["kwargs"]).eval()
+        dirs.append(tmp_path / member["name"])
+        save_weights(dirs[-1] / "model.pt", net, architecture_record(member["name"], size, **member["kwargs"]))
+        (dirs[-1] / "model.json").write_text(f'{{"stamp_size": {size}, "normalisation": "l2"}}')
+    ensemble, arch, prep = load_ensemble(dirs)
+    assert arch["name"] == "ensemble" and arch["kwargs"]["members"] == _members()
+    assert prep == {"stamp_size": size, "normalisation": "l2", "sky_subtract": False}
+    with torch.no_grad():
+        expected = (load_weights(dirs[0] / "model.pt")[0](x) + load_weights(dirs[1] / "model.pt")[0](x)) / 2
+        torch.testing.assert_close(ensemble(x), expected)
+    save_weights(tmp_path / "ens.pt", ensemble, arch)
+    again, arch2 = load_weights(tmp_path / "ens.pt")
+    assert arch2 == arch and not again.training
+    with torch.no_grad():
+        assert torch.equal(again(x), ensemble(x))
+    # members that normalise differently cannot share one input
+    (dirs[1] / "model.json").write_text(f'{{"stamp_size": {size}, "normalisation": "robust"}}')
+    with pytest.raises(ValueError, match="preprocess"):
+        load_ensemble(dirs)
+    with pytest.raises(ValueError):
+        build_model("ensemble", size, members=[])

@@ -249,14 +249,15 @@ def find_galaxies(data_bkgsub: np.ndarray, rms: np.ndarray, mask: np.ndarray, ps
     import sep
 
     from astrid.diff.background import sep_array
+    from astrid.diff.stars import sep_extract
 
     columns = ["x", "y", "a", "b", "theta", "r50_px"]
     bad = mask | ~np.isfinite(data_bkgsub)
     data = sep_array(np.where(bad, 0, data_bkgsub))
     err = sep_array(np.array(np.broadcast_to(rms, data.shape)))  # sep needs a writable buffer
     try:
-        objects = sep.extract(data, 3.0, err=err, mask=bad, minarea=9)
-    except Exception as exc:  # sep raises plain Exception for buffer overflows on crowded images
+        objects = sep_extract(data, 3.0, err=err, mask=bad, minarea=9)
+    except AstridError as exc:
         raise AstridError(f"source extraction for galaxy hosts failed ({exc})") from None
     if len(objects) == 0:
         return pd.DataFrame(columns=columns)

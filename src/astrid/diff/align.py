@@ -216,13 +216,13 @@ def _warp(ref: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray, map_x: np.nda
     np.put_along_axis(wx, col_idx, col_w, axis=1)
     tx = map_x @ wx.T
     ty = map_y @ wx.T
-    padded = np.pad(np.asarray(ref, np.float32), _PAD, mode="edge")
     kernel = _numba_kernel()
     if kernel is not None:
         out = np.empty(shape, np.float32)
         inside_rows = np.zeros(height, np.int64)
-        kernel(padded, tx, ty, row_idx, row_w, out, inside_rows, ref_w, ref_h)
+        kernel(np.ascontiguousarray(ref, np.float32), tx, ty, row_idx, row_w, out, inside_rows)
         return out, float(inside_rows.sum()) / (height * width)
+    padded = np.pad(np.asarray(ref, np.float32), _PAD, mode="edge")
     wy = np.zeros((height, len(grid_y)))
     np.put_along_axis(wy, row_idx, row_w, axis=1)
     x = (wy @ tx).astype(np.float32)
@@ -414,7 +414,8 @@ def _numba_kernel():
     """The compiled warp loop, or None without numba (compiled once, cached on disk).
 
     Per output pixel: the reference position from the node table (4 taps per coordinate),
-    then the 4x4 Keys kernel; no dense coordinate arrays are ever built.
+    then the 4x4 Keys kernel; no dense coordinate arrays are ever built, and taps beyond the
+    border repeat the edge pixel (clamped indices, so no padded copy of the reference).
     """
     global _NUMBA_KERNEL
     if _NUMBA_KERNEL is not None:
@@ -426,8 +427,9 @@ def _numba_kernel():
         return None
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def kernel(padded, tx, ty, row_idx, row_w, out, inside_rows, width, height):  # pragma: no cover
+    def kernel(ref, tx, ty, row_idx, row_w, out, inside_rows):  # pragma: no cover
         n_rows, n_cols = out.shape
+        height, width = ref.shape
         for r in numba.prange(n_rows):
             i0, i1, i2, i3 = row_idx[r, 0], row_idx[r, 1], row_idx[r, 2], row_idx[r, 3]
             a0, a1, a2, a3 = row_w[r, 0], row_w[r, 1], row_w[r, 2], row_w[r, 3]
@@ -453,13 +455,16 @@ def _numba_kernel():
                 wy1 = 1.0 - 2.5 * g2 + 1.5 * g2 * g
                 wy2 = 0.5 * g + 2.0 * g2 - 1.5 * g2 * g
                 wy3 = 0.5 * g2 * g - 0.5 * g2
-                ix = int(fx0) + 1  # _PAD - 1
-                iy = int(fy0) + 1
+                ix = int(fx0) - 1
+                iy = int(fy0) - 1
+                c0, c1 = min(max(ix, 0), width - 1), min(max(ix + 1, 0), width - 1)
+                c2, c3 = min(max(ix + 2, 0), width - 1), min(max(ix + 3, 0), width - 1)
                 acc = 0.0
                 for j in range(4):
                     wy = wy0 if j == 0 else (wy1 if j == 1 else (wy2 if j == 2 else wy3))
-                    acc += wy * (wx0 * padded[iy + j, ix] + wx1 * padded[iy + j, ix + 1]
-                                 + wx2 * padded[iy + j, ix + 2] + wx3 * padded[iy + j, ix + 3])
+                    row = min(max(iy + j, 0), height - 1)
+                    acc += wy * (wx0 * ref[row, c0] + wx1 * ref[row, c1]
+                                 + wx2 * ref[row, c2] + wx3 * ref[row, c3])
                 out[r, c] = acc
             inside_rows[r] = n_inside
 

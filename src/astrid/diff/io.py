@@ -71,7 +71,7 @@ def write_diff_dir(out_dir, result: DiffResult, candidates: pd.DataFrame,
                 [("BUNIT", "sigma", "ZOGY D, unit-variance noise"), *summary])
     _write_fits(out / "scorr.fits", result.scorr, result.wcs, prov,
                 [("BUNIT", "sigma", "S_corr"), *summary],
-                [fits.ImageHDU(result.flux, name="FLUX"),
+                [fits.ImageHDU(np.asarray(result.flux, np.float32), name="FLUX"),
                  fits.ImageHDU(result.flux_err, name="FLUX_ERR")])
     bits = [(f"MASKB{bit}", text, "mask bit") for bit, text in _MASK_BITS.items()]
     _write_fits(out / "mask.fits", np.asarray(result.mask, np.uint8), result.wcs, prov, bits)

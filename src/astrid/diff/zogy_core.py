@@ -62,7 +62,8 @@ class ZogyImages:
 
     diff : D, unit-variance white noise in empty sky.
     scorr : S_corr in sigma (NaN at bad input pixels).
-    flux, flux_err : PSF flux of a point source centred on each pixel, science ADU.
+    flux, flux_err : PSF flux of a point source centred on each pixel, science ADU; ``flux``
+        is a :class:`FluxMap` (S_corr x flux_err, computed where indexed).
     mask : uint8 bit flags (``MASK_*``), input bits dilated by the kernel footprint plus edges.
     flux_zp_score, flux_zp_diff : F_S and F_D of the central tile.
     kernel_radius_px : footprint radius used for the mask dilation, px.
@@ -70,12 +71,33 @@ class ZogyImages:
 
     diff: np.ndarray
     scorr: np.ndarray
-    flux: np.ndarray
+    flux: FluxMap
     flux_err: np.ndarray
     mask: np.ndarray
     flux_zp_score: float
     flux_zp_diff: float
     kernel_radius_px: int
+
+
+class FluxMap:
+    """The PSF flux map of ZOGY, ``S_corr * flux_err``, computed only where indexed.
+
+    S_corr = S / sqrt(V(S)) and the flux is S / F_S, so the flux is S_corr times its error:
+    no third full-size map (64 MB at 4096^2) is needed. Indexing returns an array like the
+    map's; ``np.asarray(flux_map)`` builds the whole map (for writing it out). It stays right
+    when S_corr and its error are rescaled together (``_finish``).
+    """
+
+    def __init__(self, scorr: np.ndarray, flux_err: np.ndarray):
+        self.scorr, self.flux_err = scorr, flux_err
+        self.shape, self.dtype, self.ndim = scorr.shape, scorr.dtype, scorr.ndim
+
+    def __getitem__(self, idx):
+        return self.scorr[idx] * self.flux_err[idx]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.scorr * self.flux_err
+        return out if dtype is None else out.astype(dtype)
 
 
 def embed_centered(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -341,9 +363,23 @@ def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
     instead of a per-pixel running maximum, several times faster on 4k frames.
     """
     flags = np.asarray(flags, bool)
-    if radius_px <= 0 or not flags.any():
+    r = int(radius_px)
+    if r <= 0 or not flags.any():
         return flags.copy()
-    return _dilate_axis(_dilate_axis(flags, int(radius_px), 0), int(radius_px), 1)
+    h = flags.shape[0]
+    if h <= _DILATE_BAND_PX + 2 * r:
+        return _dilate_axis(_dilate_axis(flags, r, 0), r, 1)
+    # In bands of rows (each with the r rows around it): the temporaries stay a band's size,
+    # not a few copies of a 4k frame at the peak of a difference's memory.
+    out = np.empty_like(flags)
+    for y0 in range(0, h, _DILATE_BAND_PX):
+        y1 = min(h, y0 + _DILATE_BAND_PX)
+        lo, hi = max(0, y0 - r), min(h, y1 + r)
+        out[y0:y1] = _dilate_axis(_dilate_axis(flags[lo:hi], r, 0), r, 1)[y0 - lo:y1 - lo]
+    return out
+
+
+_DILATE_BAND_PX = 1024
 
 
 def _dilate_axis(flags: np.ndarray, r: int, axis: int) -> np.ndarray:
@@ -399,8 +435,9 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
     h, w = sci.shape
     in_mask = np.zeros((h, w), np.uint8) if mask is None else np.asarray(mask, np.uint8)
     bad = (in_mask & MASK_BAD_ANY) != 0
-    bad_sci = ~np.isfinite(sci)
-    bad_ref = ~np.isfinite(ref)
+    # Non-finite pixels the mask does not flag yet (prepare_pair flags them all already).
+    bad_sci = ~np.isfinite(sci) & ~bad
+    bad_ref = ~np.isfinite(ref) & ~bad
     if bad_sci.any() or bad_ref.any():
         # Set in place on a copy: np.where(bad, bit, 0) would build an int64 image (8 B/px).
         in_mask = in_mask.copy()
@@ -441,7 +478,6 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
     psf_sci_at = _psf_function(psf_sci)
     diff = np.empty((h, w), np.float32)
     scorr = np.empty((h, w), np.float32)
-    flux = np.empty((h, w), np.float32)
     flux_err = np.empty((h, w), np.float32)
     edges_y, edges_x = tile_edges(h, tile_px), tile_edges(w, tile_px)
     if len(edges_y) > 2 or len(edges_x) > 2:
@@ -471,7 +507,6 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         np.divide(score, std, out=scorr[out])
         # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
         to_sci = np.float32(flux_ratio / tile.flux_zp_score)
-        np.multiply(score, to_sci, out=flux[out])
         np.multiply(std, to_sci, out=flux_err[out])
         return tile.kernel_radius_px, tile.flux_zp_score, tile.flux_zp_diff
 
@@ -501,6 +536,10 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
             zp_center = (zp_score, zp_diff)
 
+    if any_bad:
+        for arr in (diff, scorr, flux_err):
+            arr[bad] = np.nan
+    bad = None  # freed before the dilations below: one full-size map less at the peak
     out_mask = np.zeros((h, w), np.uint8)
     for bit in (MASK_SCI_BAD, MASK_REF_BAD, MASK_NO_OVERLAP, MASK_SATURATED):
         flagged = (in_mask & bit) != 0
@@ -512,9 +551,6 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
     out_mask[:, :border] |= MASK_EDGE
     out_mask[:, -border:] |= MASK_EDGE
     out_mask |= in_mask & MASK_EDGE
-    if any_bad:
-        for arr in (diff, scorr, flux, flux_err):
-            arr[bad] = np.nan
-    return ZogyImages(diff=diff, scorr=scorr, flux=flux, flux_err=flux_err, mask=out_mask,
-                      flux_zp_score=zp_center[0], flux_zp_diff=zp_center[1],
+    return ZogyImages(diff=diff, scorr=scorr, flux=FluxMap(scorr, flux_err), flux_err=flux_err,
+                      mask=out_mask, flux_zp_score=zp_center[0], flux_zp_diff=zp_center[1],
                       kernel_radius_px=radius)

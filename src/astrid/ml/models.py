@@ -1,6 +1,7 @@
-"""Real/bogus networks on (sci, ref, diff) triplets: the braai baseline and AstrID's own model.
+"""Real/bogus networks on (sci, ref, diff) triplets: the braai baseline, AstrID's own model and
+an ensemble of trained networks.
 
-Both take normalised triplets of shape (B, 3, S, S), any odd S >= 21, and return one **logit**
+All take normalised triplets of shape (B, 3, S, S), any odd S >= 21, and return one **logit**
 per triplet, shape (B,); the probability of "real" is ``sigmoid(logit / temperature)``.
 
 ``braai``
@@ -15,14 +16,23 @@ per triplet, shape (B,); the probability of "real" is ``sigmoid(logit / temperat
     the bleed. In training mode it runs one view (augmentation supplies random orientations),
     which keeps training 8× cheaper. The backbone downsamples early (stride 2 in the stem) so
     that 8 views cost about as much as three braai passes.
+``ensemble``
+    The mean logit of several member networks (each built as above, e.g. one ``astrid`` and one
+    ``braai``), which see the same normalised input. Members keep their own behaviour (astrid
+    still averages over D4 in evaluation mode) and sit in an ``nn.ModuleList``, so the state
+    dict is namespaced ``members.0.*``, ``members.1.*``. :func:`load_ensemble` assembles one
+    from trained model directories; its temperature and threshold are then fitted anew on
+    validation (members' own temperatures are not used).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-MODEL_NAMES = ("braai", "astrid")
+MODEL_NAMES = ("braai", "astrid", "ensemble")
 MIN_STAMP_PX = 21
 
 
@@ -113,6 +123,27 @@ class AstridNet(nn.Module):
         return self.single_view(views).reshape(8, -1).mean(dim=0)
 
 
+class Ensemble(nn.Module):
+    """Mean logit of member networks.
+
+    Parameters
+    ----------
+    stamp_size : odd stamp side in pixels, shared by every member.
+    members : member records ``{"name": ..., "kwargs": {...}}``, as :func:`build_model` takes them.
+    """
+
+    def __init__(self, stamp_size: int = 63, members: Sequence[dict] = ()):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.stamp_size = stamp_size
+        self.members = nn.ModuleList(build_model(m["name"], stamp_size, **m.get("kwargs", {}))
+                                     for m in members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
 def d4_views(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 images of ``x`` (B, C, S, S) under the dihedral group D4 (rotations, reflections).
 
@@ -131,9 +162,10 @@ def build_model(name: str, stamp_size: int = 63, **kwargs) -> nn.Module:
 
     Parameters
     ----------
-    name : ``"braai"`` or ``"astrid"``.
+    name : ``"braai"``, ``"astrid"`` or ``"ensemble"``.
     stamp_size : odd stamp side in pixels (>= 21).
-    **kwargs : architecture arguments (e.g. ``widths`` for ``astrid``).
+    **kwargs : architecture arguments (e.g. ``widths`` for ``astrid``, ``members`` for
+        ``ensemble``).
 
     Raises
     ------
@@ -148,6 +180,8 @@ def build_model(name: str, stamp_size: int = 63, **kwargs) -> nn.Module:
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return AstridNet(stamp_size, **kwargs)
+    if name == "ensemble":
+        return Ensemble(stamp_size, **kwargs)
     raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODEL_NAMES)})")
 
 
@@ -160,8 +194,17 @@ def count_parameters(model: nn.Module) -> int:
 
 def architecture_record(name: str, stamp_size: int, **kwargs) -> dict:
     """What ``model.pt`` and ``model.json`` store to rebuild a network: name, size, arguments."""
-    return {"name": name, "stamp_size": int(stamp_size),
-            "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    return {"name": name, "stamp_size": int(stamp_size), "kwargs": _plain(kwargs)}
+
+
+def _plain(value):
+    """Tuples as lists, recursively (ensemble members nest records): JSON and torch.load
+    with ``weights_only`` then read back exactly what was written."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def save_weights(path, model: nn.Module, architecture: dict) -> None:
@@ -192,3 +235,41 @@ def load_weights(path) -> tuple[nn.Module, dict]:
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as exc:
         raise InputFileError(path, f"not AstrID model weights ({type(exc).__name__})") from None
     return model.eval(), arch
+
+
+PREPROCESSING_KEYS = ("stamp_size", "normalisation", "sky_subtract")
+
+
+def load_ensemble(model_dirs) -> tuple[nn.Module, dict, dict]:
+    """An :class:`Ensemble` of trained model directories, their weights copied in.
+
+    Returns
+    -------
+    (network in evaluation mode, its architecture record, the preprocessing the members share:
+    ``stamp_size``, ``normalisation``, ``sky_subtract`` from their ``model.json``).
+
+    Raises
+    ------
+    ValueError
+        Members preprocess their input differently: one input cannot serve them all.
+    """
+    from pathlib import Path
+
+    from astrid.ml.score import read_model_info
+
+    nets, records, preps = [], [], []
+    for d in map(Path, model_dirs):
+        net, arch = load_weights(d / "model.pt")
+        info = read_model_info(d)
+        nets.append(net)
+        records.append({"name": arch["name"], "kwargs": arch.get("kwargs", {})})
+        preps.append({k: info.get(k, False if k == "sky_subtract" else None)
+                      for k in PREPROCESSING_KEYS})
+    if any(p != preps[0] for p in preps):
+        raise ValueError(f"ensemble members preprocess differently: {preps}")
+    size = int(preps[0]["stamp_size"])
+    arch = architecture_record("ensemble", size, members=records)
+    ensemble = build_model("ensemble", size, **arch["kwargs"])
+    for member, net in zip(ensemble.members, nets, strict=True):
+        member.load_state_dict(net.state_dict())
+    return ensemble.eval(), arch, preps[0]
