@@ -241,6 +241,19 @@ def split_like(dataset: Path, model_dir: Path) -> None:
     log(f"{dataset}: split taken from {model_dir}: {split.value_counts().to_dict()}")
 
 
+def record_sky_subtract(member_dirs, default: bool) -> None:
+    """Members trained before ``sky_subtract`` was a training setting have no record of it in
+    ``model.json``; the current default is recorded for them (the packaged astrid was scored
+    with it too). Their simulated stamps were background-subtracted, so training saw no sky
+    either way; survey cutouts keep theirs, which this removes."""
+    for d in member_dirs:
+        info = json.loads((d / "model.json").read_text())
+        if "sky_subtract" not in info:
+            info["sky_subtract"] = default
+            (d / "model.json").write_text(json.dumps(info, indent=2))
+            log(f"{d}: no sky_subtract recorded; set to the current default {default}")
+
+
 def build_ensemble(settings, work: Path, threads: int, members=ENSEMBLE_MEMBERS) -> dict:
     """Ensemble of the trained members, calibrated and selected on validation, tested on test."""
     import torch
@@ -350,6 +363,8 @@ def package(work: Path, dest: Path = PACKAGE_DIR) -> None:
                "test_simulated_by_kind": reports[shipped]["by_kind"],
                "test_simulated_by_snr": reports[shipped]["by_snr"],
                "reliability": reports[shipped]["reliability"]}
+    built = json.loads((work / "dataset" / "dataset.json").read_text())
+    metrics["evaluation_dataset"] = {"n_triplets": built["n"], "split": built.get("split", {})}
     ensemble_info = work / "models" / "ensemble" / "model.json"
     if ensemble_info.exists():
         metrics["selection"] = json.loads(ensemble_info.read_text())["selection"]
@@ -446,8 +461,15 @@ def write_summary(dest: Path) -> None:
              f"normalisation, temperature {info['temperature']:.3f}, threshold "
              f"{info['threshold']:.4f} ({info['threshold_rule']}). Rebuilt by "
              "`python scripts/train_default_model.py all --config configs/model_default.yaml`.", "",
-             _training_line(m.get("training", {})), "",
-             "## Held-out simulated test pairs (grouped by pair; 95% CI: bootstrap over pairs)", "",
+             _training_line(m.get("training", {})), ""]
+    split_from = m.get("evaluation_dataset", {}).get("split", {}).get("split_from")
+    if split_from:
+        lines += [f"Evaluated on a rebuild of the dataset by the current pipeline "
+                  f"({m['evaluation_dataset']['n_triplets']:,} triplets: the differencing has "
+                  f"changed since training, e.g. far fewer noise candidates) with the pair split "
+                  f"the members were trained with (`{split_from}`), so no validation or test "
+                  f"pair was seen in training.", ""]
+    lines += ["## Held-out simulated test pairs (grouped by pair; 95% CI: bootstrap over pairs)", "",
              "| model | n (real/bogus) | AUCPR | ROC-AUC | FNR at FPR=1% | FPR at FNR=1% | ECE |",
              "|---|---|---|---|---|---|---|"]
     for name, r in t.items():
@@ -568,6 +590,8 @@ def main(argv=None) -> None:
     if args.stage in ("ensemble", "all"):
         if args.split_from:
             split_like(work / "dataset", Path(args.split_from))
+            record_sky_subtract([work / "models" / m for m in ENSEMBLE_MEMBERS],
+                                settings.train.sky_subtract)
         build_ensemble(settings, work, args.threads or settings.train.threads)
     if args.stage in ("package", "all"):
         package(work, Path(args.dest))
