@@ -13,6 +13,7 @@ import ctypes
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -224,6 +225,9 @@ class _Timer:
         self._t = now
 
 
+_SIDE_BY_SIDE_MAX_PIXELS = 3072 ** 2  # larger images are prepared one after the other
+
+
 def prepare_pair(reference, science, settings: DiffSettings | None = None) -> PreparedPair:
     """Background, alignment, PSFs, flux ratio and variance maps of a reference/science pair."""
     from astrid.diff.align import align_reference
@@ -246,24 +250,27 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     ref_name, sci_name = _label(ref_img, "reference"), _label(sci_img, "science")
     timer = _Timer()
 
-    with _blame(sci_name):
-        sci, rms_sci, sigma_sci, sat_sci = _subtract_background(sci_img)
-    with _blame(ref_name):
-        ref_native, rms_ref, sigma_ref, sat_ref = _subtract_background(ref_img)
-    timer.lap("background")
+    edge_px = settings.psf_size_px // 2 + 1
 
-    with _blame(sci_name):
-        sci_stars = find_stars(sci, rms_sci, sci_img.mask, saturation=sat_sci,
-                               edge_px=settings.psf_size_px // 2 + 1)
+    def background_and_stars(img: Image, name: str):
+        with _blame(name):
+            data, rms, sigma, saturation = _subtract_background(img)
+            stars = find_stars(data, rms, img.mask, saturation=saturation, edge_px=edge_px)
+        return data, rms, sigma, saturation, stars
+
+    # The two images side by side: numpy releases the GIL, so one image's array work overlaps
+    # the other's sep calls (sep holds the GIL). Not for large frames, where both images'
+    # temporaries at once would lift the peak memory (over 1 GB at 4096^2).
+    side_by_side = max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ref_job = pool.submit(background_and_stars, ref_img, ref_name) if side_by_side else None
+        sci, rms_sci, sigma_sci, sat_sci, sci_stars = background_and_stars(sci_img, sci_name)
+        ref_native, rms_ref, sigma_ref, sat_ref, ref_stars_native = (
+            ref_job.result() if ref_job else background_and_stars(ref_img, ref_name))
+    timer.lap("background+stars")
     if len(sci_stars) == 0:
         raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
                                        "flux ratio)")
-    timer.lap("stars")
-
-    with _blame(ref_name):
-        ref_stars_native = find_stars(ref_native, rms_ref, ref_img.mask, saturation=sat_ref,
-                                      edge_px=settings.psf_size_px // 2 + 1)
-    timer.lap("stars")
     with _blame(ref_name):
         alignment = align_reference(
             ref_native, ref_img.wcs, sci.shape, sci_img.wcs, ref_mask=ref_img.mask,
@@ -303,7 +310,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     # The reference stars, detected once on the native grid, carried onto the science grid.
     ref_stars = _stars_on_science_grid(ref_stars_native, alignment, ref_img.wcs, sci_img.wcs,
-                                       sci.shape, edge_px=settings.psf_size_px // 2 + 1)
+                                       sci.shape, edge_px=edge_px)
     if len(ref_stars) == 0:
         raise InputFileError(ref_name, "no stars detected in the overlap with the science image")
     timer.lap("stars")
@@ -413,9 +420,11 @@ def _subtract_background(img: Image):
     from astrid.diff.background import estimate_background
 
     bkg = estimate_background(img.data, img.mask)
-    data = img.data - bkg.level
+    saturation = _saturation_above_bkg(img, bkg)
+    # Into the level map's own buffer: one full-size map less at the peak (64 MB at 4096^2).
+    data = np.subtract(img.data, bkg.level, out=bkg.level, dtype=np.float32)
     data[img.mask] = np.nan
-    return data, bkg.rms, float(bkg.sigma_adu), _saturation_above_bkg(img, bkg)
+    return data, bkg.rms, float(bkg.sigma_adu), saturation
 
 
 def _saturation_above_bkg(image: Image, bkg) -> float | None:
