@@ -286,9 +286,7 @@ def build_ensemble(settings, work: Path, threads: int, members=ENSEMBLE_MEMBERS)
     infos = {m: read_model_info(d) for m, d in zip(members, member_dirs, strict=True)}
     logits = {m: predict_logits(member, x_val) for m, member in zip(members, net.members, strict=True)}
     logits["ensemble"] = predict_logits(net, x_val)
-    temperature = M.fit_temperature(logits["ensemble"], y_val)
-    _, threshold = M.fnr_at_fpr(y_val, M.sigmoid(logits["ensemble"] / temperature), 0.01)
-    threshold = min(float(threshold), 1.0)  # +inf: no threshold reaches 1% FPR
+    temperature, threshold = M.calibrate(logits["ensemble"], y_val)
     calib = {m: (i["temperature"], i["threshold"]) for m, i in infos.items()}
     calib["ensemble"] = (temperature, threshold)
     val = {name: M.classification_metrics(y_val, M.sigmoid(z / calib[name][0]), threshold=calib[name][1],

@@ -78,6 +78,18 @@ def test_temperature_scaling_recovers_a_known_temperature():
     assert m.fit_temperature(3 * true_logit, y) == pytest.approx(3.0, rel=0.05)
 
 
+def test_calibrate_gives_the_temperature_and_the_threshold_at_one_percent_fpr():
+    rng = np.random.default_rng(1)
+    true_logit = rng.normal(0, 2, 20000)
+    y = (rng.uniform(size=true_logit.size) < m.sigmoid(true_logit)).astype(int)
+    temperature, threshold = m.calibrate(3 * true_logit, y)
+    assert temperature == pytest.approx(m.fit_temperature(3 * true_logit, y))
+    prob = m.sigmoid(3 * true_logit / temperature)
+    assert np.mean(prob[y == 0] >= threshold) <= 0.01
+    assert np.mean(prob[y == 0] >= threshold - 0.01) > 0.01  # the loosest such threshold
+    assert m.calibrate(true_logit[:50], np.ones(50, int))[1] == 0.5  # one class: no FPR
+
+
 def test_grouped_bootstrap_is_wider_when_groups_are_correlated():
     rng = np.random.default_rng(2)
     groups = np.repeat(np.arange(20), 50)

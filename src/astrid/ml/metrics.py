@@ -192,6 +192,19 @@ def fit_temperature(logits, y) -> float:
     return float(np.exp(res.x))
 
 
+def calibrate(logits, y, fpr: float = 0.01) -> tuple[float, float]:
+    """Temperature fitted on ``(logits, y)`` and the probability threshold at FPR ``fpr``.
+
+    With one class only there is no FPR to hold: the threshold is 0.5. When no threshold
+    reaches ``fpr`` with any real kept (+inf), it is 1.0, which keeps (almost) nothing.
+    """
+    temperature = fit_temperature(logits, y)
+    if len(np.unique(y)) < 2:
+        return temperature, 0.5
+    _, threshold = fnr_at_fpr(y, sigmoid(np.asarray(logits) / temperature), fpr)
+    return temperature, min(float(threshold), 1.0)
+
+
 def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y, score, *,
                  groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0
                  ) -> tuple[float, float, float]:

@@ -350,11 +350,8 @@ def train(dataset_path, out_dir, settings: TrainSettings | None = None, *,
     model.load_state_dict(state["best_state"])
     model = model.cpu().eval()
     val_logits = predict_logits(model, x_val)
-    temperature = M.fit_temperature(val_logits, y_val)
+    temperature, threshold = M.calibrate(val_logits, y_val)
     val_prob = M.sigmoid(val_logits / temperature)
-    _, threshold = M.fnr_at_fpr(y_val, val_prob, 0.01) if len(np.unique(y_val)) == 2 else (0, 0.5)
-    # +inf means no threshold reaches 1% FPR with any real kept: 1.0 keeps (almost) nothing
-    threshold = min(float(threshold), 1.0)
     # the split used, so that evaluation finds the same held-out rows
     used = pd.Series("", index=meta.index, dtype=object)
     for name, idx in rows.items():
