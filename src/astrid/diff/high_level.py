@@ -457,6 +457,14 @@ def _rewarn(caught, label: str) -> None:
 # Entry points
 
 
+def _timed_prepare(reference, science, settings: DiffSettings) -> tuple[PreparedPair, float]:
+    """Both images read (not timed), then prepared; returns the pair and the clock's start."""
+    reference = parse_input_image(reference, name="reference")
+    science = parse_input_image(science, name="science")
+    start = time.perf_counter()  # images in memory: the clock starts here
+    return prepare_pair(reference, science, settings), start
+
+
 def zogy(reference, science, *, settings: DiffSettings | None = None) -> DiffResult:
     """ZOGY difference and S_corr of two images, on the science pixel grid.
 
@@ -474,10 +482,7 @@ def zogy(reference, science, *, settings: DiffSettings | None = None) -> DiffRes
     from astrid.diff.zogy_core import zogy_images
 
     settings = settings or DiffSettings()
-    reference = parse_input_image(reference, name="reference")
-    science = parse_input_image(science, name="science")
-    start = time.perf_counter()  # images in memory: the clock starts here
-    pair = prepare_pair(reference, science, settings)
+    pair, start = _timed_prepare(reference, science, settings)
     t0 = time.perf_counter()
     ratio = float(pair.flux_ratio.value)
     images = zogy_images(
@@ -508,10 +513,7 @@ def gaussian_baseline(reference, science, *, settings: DiffSettings | None = Non
     from astrid.diff.zogy_core import MASK_BAD_ANY, MASK_EDGE, dilate
 
     settings = settings or DiffSettings()
-    reference = parse_input_image(reference, name="reference")
-    science = parse_input_image(science, name="science")
-    start = time.perf_counter()  # images in memory: the clock starts here
-    pair = prepare_pair(reference, science, settings)
+    pair, start = _timed_prepare(reference, science, settings)
     t0 = time.perf_counter()
     ratio = pair.flux_ratio_median
     bad = (pair.mask & MASK_BAD_ANY) != 0

@@ -161,11 +161,8 @@ def zogy_kernels(psf_ref: np.ndarray, psf_sci: np.ndarray, sigma_ref: float, sig
     flux_zp_score : float
         F_S = F_D^2 sum |P_D-hat|^2 / K^2 = F_D^2 sum P_D^2.
     """
-    size = max(psf_ref.shape[0], psf_sci.shape[0])
-    grid = grid_px or sfft.next_fast_len(max(_KERNEL_GRID_MIN_PX, 2 * size), real=True)
-    shape = (grid, grid)
-    pr_hat = sfft.rfft2(embed_centered(psf_ref, shape))
-    pn_hat = sfft.rfft2(embed_centered(psf_sci, shape))
+    shape, pr_hat, pn_hat = _kernel_grid_spectra(psf_ref, psf_sci, grid_px)
+    grid = shape[0]
     fr, fn, pr2, pn2, den2 = _zogy_spectra(pr_hat, pn_hat, sigma_ref, sigma_sci, flux_ratio)
     k_ref = sfft.irfft2(fr * fn ** 2 * np.conj(pr_hat) * pn2 / den2, s=shape).astype(np.float32)
     k_sci = sfft.irfft2(fn * fr ** 2 * np.conj(pn_hat) * pr2 / den2, s=shape).astype(np.float32)
@@ -176,6 +173,16 @@ def zogy_kernels(psf_ref: np.ndarray, psf_sci: np.ndarray, sigma_ref: float, sig
     return k_ref, k_sci, float(flux_zp_diff), float(flux_zp_score)
 
 
+def _kernel_grid_spectra(psf_ref: np.ndarray, psf_sci: np.ndarray, grid_px: int | None):
+    """The small square grid kernels are built on (twice the PSF stamp, at least
+    ``_KERNEL_GRID_MIN_PX``) and both PSFs' spectra on it: (shape, P_r-hat, P_n-hat)."""
+    size = max(psf_ref.shape[0], psf_sci.shape[0])
+    grid = grid_px or sfft.next_fast_len(max(_KERNEL_GRID_MIN_PX, 2 * size), real=True)
+    shape = (grid, grid)
+    return (shape, sfft.rfft2(embed_centered(psf_ref, shape)),
+            sfft.rfft2(embed_centered(psf_sci, shape)))
+
+
 def diff_kernels(psf_ref: np.ndarray, psf_sci: np.ndarray, sigma_ref: float, sigma_sci: float,
                  flux_ratio: float, grid_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The kernels of D on a small grid, centred at (0, 0): D = kd_sci (x) N - kd_ref (x) R.
@@ -183,11 +190,7 @@ def diff_kernels(psf_ref: np.ndarray, psf_sci: np.ndarray, sigma_ref: float, sig
     kd_sci-hat = F_r P_r-hat / den and kd_ref-hat = F_n P_n-hat / den; their squares convolved
     with the variance maps give the variance of D including source noise.
     """
-    size = max(psf_ref.shape[0], psf_sci.shape[0])
-    grid = grid_px or sfft.next_fast_len(max(_KERNEL_GRID_MIN_PX, 2 * size), real=True)
-    shape = (grid, grid)
-    pr_hat = sfft.rfft2(embed_centered(psf_ref, shape))
-    pn_hat = sfft.rfft2(embed_centered(psf_sci, shape))
+    shape, pr_hat, pn_hat = _kernel_grid_spectra(psf_ref, psf_sci, grid_px)
     fr, fn, _, _, den2 = _zogy_spectra(pr_hat, pn_hat, sigma_ref, sigma_sci, flux_ratio)
     den = np.sqrt(den2)
     kd_sci = sfft.irfft2(fr * pr_hat / den, s=shape).astype(np.float32)
