@@ -189,10 +189,11 @@ class PreparedPair:
         :class:`~astrid.diff.background.LazyVariance`, computed where indexed (per tile).
     psf_sci, psf_ref : PSFModel of each image on the science grid.
     flux_ratio : FluxRatio (science / reference).
+    flux_ratio_median : median ratio of matched stars' fluxes (the Gaussian baseline's scale).
     alignment : Alignment of the reference onto the science grid (figures only: its
         ``ref_on_sci`` is ``ref`` and its footprint is in ``mask``).
     ref_xy, sci_xy : (N, 2) star positions on the science grid.
-    source_mask_sci : bool map of science source pixels (from the background step).
+    wcs : the science WCS (None without one).
     timings_s : seconds per stage.
     """
 

@@ -59,7 +59,8 @@ def find_stars(data: np.ndarray, rms: np.ndarray | float, mask: np.ndarray | Non
     """Detect and measure sources with sep.
 
     Detection runs on the S/N image ``data / rms`` with a scalar threshold, which is what sep's
-    ``err=`` mode computes but at half the cost. Everything measured (centroids, fluxes, peaks,
+    ``err=`` mode computes but at half the cost; frames of ``BINNED_DETECTION_MIN_PX`` or more
+    a side are searched on that image binned 2x2. Everything measured (centroids, fluxes, peaks,
     shapes) comes from the full-resolution ``data``.
 
     Parameters
@@ -157,17 +158,15 @@ def _detect(work: np.ndarray, err: np.ndarray, bad: np.ndarray, thresh_sigma: fl
     the same S/N (their flux adds up over the bin); centroids, shapes and fluxes are measured
     on the full-resolution image afterwards.
     """
+    h, band = work.shape[0] // step * step, 128 * step
+    snr_image = np.empty((h // step, work.shape[1] // step), np.float32)
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        snr_image[y0 // step:y1 // step] = bin_sum(work[y0:y1] / err[y0:y1], step)
     if step > 1:
-        h, band = work.shape[0] // step * step, 128 * step
-        snr_image = np.empty((h // step, work.shape[1] // step), np.float32)
-        for y0 in range(0, h, band):
-            y1 = min(h, y0 + band)
-            snr_image[y0 // step:y1 // step] = bin_sum(work[y0:y1] / err[y0:y1], step)
         snr_image /= np.float32(step)
         bad = bin_sum(bad, step) > 0
         minarea = max(2, -(-minarea // step**2))
-    else:
-        snr_image = work / err
     # sep normalises the detection filter, which lowers the noise of the unit-noise S/N image
     # to sqrt(sum k^2) / sum k of a pixel's: scaling the threshold by it puts ``thresh_sigma``
     # in units of the filtered noise, as sep's err= mode does.
