@@ -158,7 +158,7 @@ class FakeSettings(_Section):
 class TrainSettings(_Section):
     """Real/bogus training (``astrid train``)."""
 
-    model: Literal["braai", "astrid"] = Field("astrid", description="network architecture")
+    model: Literal["braai", "braai_fast", "astrid"] = Field("astrid", description="network architecture")
     width: int = Field(16, ge=4, description="astrid: channels of the stem (doubled per stage)")
     epochs: int = Field(20, ge=1, description="most epochs to run")
     batch_size: int = Field(256, ge=1)

@@ -24,7 +24,7 @@ def _one_thread():
 
 
 
-SMALL_KWARGS = {"astrid": {"widths": [8, 16, 32]}, "braai": {},
+SMALL_KWARGS = {"astrid": {"widths": [8, 16, 32]}, "braai": {}, "braai_fast": {},
                 "ensemble": {"members": [{"name": "astrid", "kwargs": {"widths": [8, 16, 32]}},
                                          {"name": "braai", "kwargs": {}}]}}
 
@@ -34,6 +34,12 @@ def make_model_dir(path, name="astrid", size=31, temperature=1.7, seed=0):
     torch.manual_seed(seed)
     kwargs = SMALL_KWARGS[name]
     net = build_model(name, size, **kwargs).eval()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        # trained-looking statistics, so that exporting batch norm is really tested
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
     report = write_model_dir(path, net, architecture_record(name, size, **kwargs),
                              stamp_size=size, temperature=temperature)
     return path, report
@@ -50,7 +56,7 @@ def _ztf(shared_data):
     return np.stack([z["sci"], z["ref"], z["diff"]], axis=1), z
 
 
-@pytest.mark.parametrize("name", ["braai", "astrid", "ensemble"])
+@pytest.mark.parametrize("name", ["braai", "braai_fast", "astrid", "ensemble"])
 def test_onnx_matches_torch_within_1e5(tmp_path, shared_data, name):
     path, report = make_model_dir(tmp_path / name, name=name, size=63)
     assert report.max_abs_diff <= 1e-5
@@ -87,6 +93,29 @@ def test_temperature_is_applied_in_the_graph(tmp_path):
     p1, p3 = score_triplets(x, hot), score_triplets(x, cool)
     logit1 = np.log(p1 / (1 - p1))
     np.testing.assert_allclose(np.log(p3 / (1 - p3)), logit1 / 3.0, atol=1e-4)
+
+
+def test_sky_subtraction_removes_each_stamps_nan_median_and_leaves_the_input_alone():
+    import warnings
+
+    from astrid.ml.score import preprocess, subtract_sky
+
+    rng = np.random.default_rng(5)
+    stamps = rng.normal(150.0, 10.0, (6, 3, 21, 21)).astype(np.float32)
+    stamps[1, 0][rng.random((21, 21)) < 0.4] = np.nan  # NaN-padded survey cutouts
+    stamps[2, 1] = np.nan  # a stamp with no data at all keeps its NaN, no level
+    stamps[3, 0, ::3, ::3][0, :5] = np.nan
+    level = stamps[:, :2, ::3, ::3].reshape(6, 2, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sky = np.nan_to_num(np.nanmedian(level, axis=2))  # (6, 2): sci and ref only
+    expected = stamps.copy()
+    expected[:, :2] -= sky[:, :, None, None]
+    before = stamps.copy()
+    out = preprocess(stamps, {"stamp_size": 21, "normalisation": "none", "sky_subtract": True})
+    np.testing.assert_array_equal(stamps, before)  # the caller's stamps are untouched
+    np.testing.assert_array_equal(out, np.nan_to_num(expected))
+    np.testing.assert_array_equal(subtract_sky(stamps.copy()), expected)
 
 
 def test_stamp_size_adaptation_centres_the_source():

@@ -16,8 +16,8 @@ def _one_thread():
 
 
 
-@pytest.mark.parametrize("name", ["braai", "astrid"])
-@pytest.mark.parametrize("size", [31, 63])
+@pytest.mark.parametrize("name", ["braai", "braai_fast", "astrid"])
+@pytest.mark.parametrize("size", [21, 31, 63, 65])
 def test_models_take_odd_sizes_and_return_one_logit(name, size):
     torch.manual_seed(0)
     model = build_model(name, size).eval()
@@ -34,6 +34,23 @@ def test_braai_is_the_published_vgg6():
     assert [c.out_channels for c in convs] == [16, 16, 32, 32]
     dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(d.in_features, d.out_features) for d in dense] == [(6 * 6 * 32, 256), (256, 1)]
+
+
+def test_braai_fast_keeps_braais_widths_at_a_third_of_its_arithmetic():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fast, braai = build_model("braai_fast", 63).eval(), build_model("braai", 63).eval()
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1), (1, 1)]
+    dense = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert [d.out_features for d in dense] == [256, 1]
+    flops = []
+    for model in (fast, braai):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 3, 63, 63))
+        flops.append(counter.get_total_flops())
+    assert flops[0] < 0.4 * flops[1]
 
 
 def test_astrid_is_d4_invariant_in_eval_mode():
@@ -58,7 +75,7 @@ def test_even_or_tiny_sizes_and_unknown_names_are_refused():
         build_model("resnet50", 63)
 
 
-@pytest.mark.parametrize("name", ["braai", "astrid"])
+@pytest.mark.parametrize("name", ["braai", "braai_fast", "astrid"])
 def test_a_tiny_batch_can_be_overfitted(name):
     torch.manual_seed(0)
     model = build_model(name, 31)

@@ -15,7 +15,7 @@ from astrid.errors import AstridError, InputFileError
 def train_cmd(
     data: Annotated[Path, typer.Option("--data", "-d", help="Triplet dataset directory.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")],
-    model: Annotated[str | None, typer.Option(help="Architecture: astrid or braai (overrides config).")] = None,
+    model: Annotated[str | None, typer.Option(help="Architecture: astrid, braai or braai_fast (overrides config).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Most epochs (overrides config).")] = None,
     restart: Annotated[bool, typer.Option(help="Ignore a checkpoint in the output directory.")] = False,
     config: ConfigOption = None,

@@ -356,20 +356,24 @@ def _mask_neighbours(holes: np.ndarray, x: np.ndarray, y: np.ndarray, ix: np.nda
     half = holes.shape[-1] // 2
     xy_all = others[["x", "y"]].to_numpy()
     flux_all = others["flux"].to_numpy()
-    tree = cKDTree(xy_all)
+    near = cKDTree(xy_all).query_ball_point(np.column_stack([x, y]),
+                                            half * np.sqrt(2) + 7.0 * fwhm_px)
+    # All (star, neighbour) pairs at once, grouped by star, OR-reduced per star.
+    k = np.repeat(np.arange(len(near)), [len(n) for n in near])
+    j = np.fromiter((i for n in near for i in n), dtype=np.intp, count=len(k))
+    dx0, dy0 = ix[k] - xy_all[j, 0], iy[k] - xy_all[j, 1]
+    itself = (np.abs(x[k] - xy_all[j, 0]) < 0.5) & (np.abs(y[k] - xy_all[j, 1]) < 0.5)
+    k, j, dx0, dy0 = k[~itself], j[~itself], dx0[~itself], dy0[~itself]
+    if k.size == 0:
+        return
+    ratio = np.maximum(flux_all[j], 0.0) / np.maximum(flux[k], 1e-30)
+    radius_px = fwhm_px * (2.0 + 1.25 * np.log10(1.0 + 100.0 * ratio))
     offsets = np.arange(-half, half + 1)
-    max_radius = 7.0 * fwhm_px
-    for k, near in enumerate(tree.query_ball_point(np.column_stack([x, y]),
-                                                   half * np.sqrt(2) + max_radius)):
-        for j in near:
-            nx_px, ny_px = xy_all[j]
-            if abs(nx_px - x[k]) < 0.5 and abs(ny_px - y[k]) < 0.5:
-                continue  # the star itself
-            ratio = max(float(flux_all[j]), 0.0) / max(float(flux[k]), 1e-30)
-            radius_px = fwhm_px * (2.0 + 1.25 * np.log10(1.0 + 100.0 * ratio))
-            dx = offsets[None, :] + ix[k] - nx_px
-            dy = offsets[:, None] + iy[k] - ny_px
-            holes[k] |= dx * dx + dy * dy <= radius_px * radius_px
+    dx = offsets[None, None, :] + dx0[:, None, None]
+    dy = offsets[None, :, None] + dy0[:, None, None]
+    covered = (dx * dx + dy * dy <= (radius_px * radius_px)[:, None, None]).view(np.uint8)
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    holes[k[starts]] |= np.maximum.reduceat(covered, starts, axis=0).astype(bool)
 
 
 def _clipped_mean(values: np.ndarray, sigma: np.ndarray, holes: np.ndarray,
@@ -442,15 +446,26 @@ def _fit_moffat(stamp: np.ndarray) -> np.ndarray:
     sigma = 0.02 * peak + np.abs(z) * 0.05
 
     def resid(p):
-        # float64 throughout: float32 would drown the finite-difference Jacobian.
         amplitude, x0, y0, alpha, beta = p
         r2 = (xx - x0) ** 2 + (yy - y0) ** 2
         return ((amplitude * (1.0 + r2 / alpha**2) ** (-beta) - z) / sigma).ravel()
 
+    def jac(p):
+        # Analytic: a finite-difference Jacobian costs five more profile evaluations a step.
+        amplitude, x0, y0, alpha, beta = p
+        dx, dy = xx - x0, yy - y0
+        r2 = dx**2 + dy**2
+        u = 1.0 + r2 / alpha**2
+        f = u ** (-beta)
+        g = 2.0 * amplitude * beta * f / u / alpha**2  # -d(A u^-beta)/d(r2) x 2
+        return (np.stack([f, g * dx, g * dy, g * r2 / alpha, -amplitude * f * np.log(u)])
+                / sigma).reshape(5, -1).T
+
     p0 = np.array([peak, 0.0, 0.0, alpha0, 2.5])
     bounds = ([0.0, -3.0, -3.0, 0.2, 1.01], [np.inf, 3.0, 3.0, float(size_px), 20.0])
     try:
-        sol = optimize.least_squares(resid, p0, bounds=bounds, x_scale="jac", max_nfev=200)
+        sol = optimize.least_squares(resid, p0, jac=jac, bounds=bounds, x_scale="jac",
+                                     max_nfev=200)
         return sol.x
     except (ValueError, np.linalg.LinAlgError):
         return p0

@@ -628,7 +628,8 @@ def write_split(path: str | os.PathLike, split: pd.Series, *, how: dict | None =
 _MAD_TO_SIGMA = 1.4826
 
 
-def normalise(stamps, method: str = "l2", channels: Sequence[str] = CHANNELS) -> np.ndarray:
+def normalise(stamps, method: str = "l2", channels: Sequence[str] = CHANNELS, *,
+              copy: bool = True) -> np.ndarray:
     """Normalise raw triplets for the network; the difference keeps its sign.
 
     Parameters
@@ -642,12 +643,13 @@ def normalise(stamps, method: str = "l2", channels: Sequence[str] = CHANNELS) ->
         offset (D is zero-mean by construction, and an offset could flip a faint residual's
         sign); NaN -> 0 afterwards. ``"none"``: NaN -> 0 only.
     channels : channel names in the stamps' order (to find sci/ref/diff).
+    copy : False to normalise a float32 array in place (what scoring does with its own copy).
 
     Returns
     -------
-    float32 array of the input's shape (a new array).
+    float32 array of the input's shape (a new array unless ``copy=False``).
     """
-    x = np.array(stamps, dtype=np.float32, copy=True)
+    x = np.array(stamps, dtype=np.float32, copy=True) if copy else np.asarray(stamps, np.float32)
     single = x.ndim == 3
     if single:
         x = x[None]

@@ -9,6 +9,15 @@ per triplet, shape (B,); the probability of "real" is ``sigmoid(logit / temperat
     filters, 2×2 max-pool, dropout 0.25, two 3×3 convolutions of 32 filters, 4×4 max-pool,
     dropout 0.25, dense 256, dropout 0.5, one output. Convolutions are unpadded ("valid") as in
     the original; the flattened size is computed from the stamp size (1152 for 63×63).
+``braai_fast``
+    braai's layers and widths (3×3 convolutions of 16, 16, 32, 32 filters, 2×2 and 4×4
+    max-pools, the same dropouts, dense 256) with two changes for speed: the first
+    convolution has stride 2 and all convolutions are padded ("same"), and each is followed by
+    batch norm (folded into the convolution when exported to ONNX, so it costs nothing at
+    inference). It does 13.7 MFLOP per 63×63 triplet against braai's 38.1, which is what lets
+    it pass 5,000 triplets/s on two CPU cores, where braai's arithmetic alone exceeds what the
+    cores can do. Batch norm is what makes it train with our loop: without it, the stride-2
+    stem on L2-normalised stamps (values ~1/63) stalled at chance.
 ``astrid``
     A small residual CNN with batch norm and global average pooling. In evaluation mode its
     output is the mean logit over the 8 rotations and reflections of the stamp (the dihedral
@@ -32,7 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-MODEL_NAMES = ("braai", "astrid", "ensemble")
+MODEL_NAMES = ("braai", "braai_fast", "astrid", "ensemble")
 MIN_STAMP_PX = 21
 
 
@@ -57,6 +66,39 @@ class Braai(nn.Module):
             nn.MaxPool2d(4), nn.Dropout(0.25),
         )
         side = ((stamp_size - 4) // 2 - 4) // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * side * side, 256), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(256, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x)).squeeze(1)
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class BraaiFast(nn.Module):
+    """braai's layers and widths with a stride-2 padded stem and batch norm (module docstring).
+
+    Parameters
+    ----------
+    stamp_size : odd stamp side in pixels; fixes the dense layer's input size.
+    in_channels : number of channels (3: sci, ref, diff).
+    """
+
+    def __init__(self, stamp_size: int = 63, in_channels: int = 3):
+        super().__init__()
+        self.stamp_size = stamp_size
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 16, stride=2), *_conv_bn_relu(16, 16),
+            nn.MaxPool2d(2), nn.Dropout(0.25),
+            *_conv_bn_relu(16, 32), *_conv_bn_relu(32, 32),
+            nn.MaxPool2d(4), nn.Dropout(0.25),
+        )
+        side = ((stamp_size + 1) // 2 // 2) // 4
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(32 * side * side, 256), nn.ReLU(inplace=True),
             nn.Dropout(0.5), nn.Linear(256, 1),
@@ -162,7 +204,7 @@ def build_model(name: str, stamp_size: int = 63, **kwargs) -> nn.Module:
 
     Parameters
     ----------
-    name : ``"braai"``, ``"astrid"`` or ``"ensemble"``.
+    name : ``"braai"``, ``"braai_fast"``, ``"astrid"`` or ``"ensemble"``.
     stamp_size : odd stamp side in pixels (>= 21).
     **kwargs : architecture arguments (e.g. ``widths`` for ``astrid``, ``members`` for
         ``ensemble``).
@@ -176,6 +218,8 @@ def build_model(name: str, stamp_size: int = 63, **kwargs) -> nn.Module:
         raise ValueError(f"stamp size must be odd and >= {MIN_STAMP_PX}, got {stamp_size}")
     if name == "braai":
         return Braai(stamp_size, **kwargs)
+    if name == "braai_fast":
+        return BraaiFast(stamp_size, **kwargs)
     if name == "astrid":
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])

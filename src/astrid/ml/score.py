@@ -98,15 +98,23 @@ def subtract_sky(stamps: np.ndarray, channels: tuple[int, ...] = (0, 1), step: i
     ----------
     stamps : (N, C, S, S) float32, modified in place (NaN kept).
     """
-    import warnings
-
     for c in channels:
-        sub = stamps[:, c, ::step, ::step].reshape(len(stamps), -1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN stamps: no level
-            level = np.nanmedian(sub, axis=1)
-        stamps[:, c] -= np.nan_to_num(level, nan=0.0).astype(np.float32)[:, None, None]
+        level = _row_nanmedian(stamps[:, c, ::step, ::step].reshape(len(stamps), -1))
+        stamps[:, c] -= np.nan_to_num(level, nan=0.0)[:, None, None]  # all-NaN: no level
     return stamps
+
+
+def _row_nanmedian(rows: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(rows, axis=1)`` in the rows' precision, several times faster on
+    (N, a few hundred) arrays: one partition when nothing is NaN, else one sort (NaN last)."""
+    missing = np.isnan(rows)
+    if not missing.any():
+        return np.median(rows, axis=1)
+    ordered = np.sort(rows, axis=1)
+    count = rows.shape[1] - missing.sum(axis=1)
+    lo = np.take_along_axis(ordered, np.maximum(count - 1, 0)[:, None] // 2, axis=1)[:, 0]
+    hi = np.take_along_axis(ordered, (count // 2)[:, None], axis=1)[:, 0]
+    return np.where(count > 0, (lo + hi) * rows.dtype.type(0.5), np.nan)
 
 
 def preprocess(stamps_raw: np.ndarray, info: dict) -> np.ndarray:
@@ -114,10 +122,12 @@ def preprocess(stamps_raw: np.ndarray, info: dict) -> np.ndarray:
     sky subtracted (``sky_subtract``), normalised (``normalisation``). Returns a new array."""
     from astrid.ml.data import normalise
 
-    x = adapt_stamp_size(np.asarray(stamps_raw, dtype=np.float32), int(info["stamp_size"]))
+    # One copy, then everything in place: the caller's stamps stay untouched.
+    x = np.array(adapt_stamp_size(np.asarray(stamps_raw, dtype=np.float32),
+                                  int(info["stamp_size"])), copy=True)
     if info.get("sky_subtract", False):
-        x = subtract_sky(np.array(x, copy=True))  # the caller's stamps stay untouched
-    return normalise(x, info["normalisation"])  # always returns a new array
+        subtract_sky(x)
+    return normalise(x, info["normalisation"], copy=False)
 
 
 class _Scorer:
