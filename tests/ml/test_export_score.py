@@ -238,3 +238,29 @@ def test_packaged_default_model_is_complete_and_scores_alerts(tmp_path, shared_d
     assert res.exit_code == 0, res.output
     table = pd.read_csv(out)
     assert table["candid"].tolist() == sorted(table["candid"].tolist()) and len(table) == 2
+
+
+def test_packaged_fast_model_is_braai_size_and_scores_by_name(tmp_path, shared_data, monkeypatch):
+    from astrid.ml.score import default_model_dir
+
+    pkg = default_model_dir("fast")
+    info = json.loads((pkg / "model.json").read_text())
+    assert info["architecture"] == "braai_fast" and info["stamp_size"] == 63
+    metrics = json.loads((pkg / "metrics.json").read_text())
+    assert metrics["default"] == "braai_fast" and "braai" in metrics["test_simulated"]
+    assert metrics["test_simulated"]["braai_fast"]["aucpr"]["value"] > 0.99
+    assert sum(f.stat().st_size for f in pkg.iterdir()) < 5 * 2**20
+    stamps, _ = _ztf(shared_data)
+    np.testing.assert_allclose(score_triplets(stamps, pkg, "onnx"), score_triplets(stamps, pkg, "torch"),
+                               atol=1e-5, rtol=0)
+    # `--model fast` names the packaged model, unless a directory of that name exists here
+    monkeypatch.chdir(tmp_path)
+    src = shared_data("ztf-alerts", "braai", "braai_triplets.npz")
+    res = runner.invoke(app, ["score", str(src), "-o", "fast.csv", "--model", "fast", "-q"])
+    assert res.exit_code == 0, res.output
+    z = np.load(src)
+    expected = score_triplets(np.stack([z["sci"], z["ref"], z["diff"]], 1), pkg)
+    np.testing.assert_allclose(pd.read_csv("fast.csv")["score"], expected, atol=1e-6)
+    (tmp_path / "fast").mkdir()
+    res = runner.invoke(app, ["score", str(src), "-o", "x.csv", "--model", "fast", "-q"])
+    assert res.exit_code == 1 and "not a model directory" in res.output

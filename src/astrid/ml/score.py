@@ -33,17 +33,25 @@ _cache: dict[tuple, object] = {}
 _cache_lock = threading.Lock()
 
 
-def default_model_dir() -> Path:
-    """The packaged default model (``astrid/models/default``)."""
-    return Path(__file__).resolve().parents[1] / "models" / "default"
+PACKAGED_MODELS = ("default", "fast")  # astrid/models/<name>; "fast" is braai_fast
+
+
+def default_model_dir(name: str = "default") -> Path:
+    """A packaged model: ``default`` (the most accurate) or ``fast`` (for alert streams)."""
+    return Path(__file__).resolve().parents[1] / "models" / name
 
 
 def resolve_model_dir(model_dir=None) -> Path:
-    """``model_dir`` or the packaged default, checked to be a model directory."""
-    path = default_model_dir() if model_dir is None else Path(model_dir)
+    """``model_dir``, or a packaged model by name (``default``, ``fast``) where no such
+    directory exists, or the packaged default; checked to be a model directory."""
+    if model_dir is None or (str(model_dir) in PACKAGED_MODELS and not Path(model_dir).exists()):
+        model_dir = default_model_dir(str(model_dir or "default"))
+        if not model_dir.exists():
+            raise InputFileError(model_dir, "the packaged model is missing (reinstall AstrID "
+                                            "or pass --model)")
+    path = Path(model_dir)
     if not path.exists():
-        raise InputFileError(path, "model directory not found" if model_dir is not None else
-                             "the packaged default model is missing (reinstall AstrID or pass --model)")
+        raise InputFileError(path, "model directory not found")
     if not (path / "model.json").exists():
         raise InputFileError(path, "not a model directory (no model.json)")
     return path
