@@ -104,3 +104,28 @@ def test_subsampled_maps_cover_odd_shapes():
     assert bkg.level.shape == bkg.rms.shape == bkg.source_mask.shape == (301, 257)
     assert np.median(np.abs(bkg.level - sky)) < 0.3 * SIGMA_ADU
     assert abs(np.median(bkg.rms) / SIGMA_ADU - 1) < 0.05
+
+
+@pytest.mark.parametrize("small_shape, step, shape", [((40, 33), 2, (80, 65)), ((9, 7), 3, (26, 21)),
+                                                      ((1, 6), 2, (2, 11))])
+def test_upsampling_is_bilinear_between_samples_and_linear_beyond_the_last(small_shape, step, shape):
+    from astrid.diff.background import _upsample
+
+    rng = np.random.default_rng(2)
+    small = rng.normal(size=small_shape).astype(np.float32)
+    # sample k sits at pixel k * step; one extra node extrapolates beyond the last sample
+    def interp_axis(a, n, axis):
+        a = np.moveaxis(a, axis, 0).astype(float)
+        ext = np.concatenate([a, 2 * a[-1:] - a[-2:-1]]) if len(a) > 1 else np.concatenate([a, a])
+        pos = np.arange(n) / step
+        i = np.floor(pos).astype(int)
+        f = (pos - i).reshape(-1, *[1] * (a.ndim - 1))
+        return np.moveaxis(ext[i] + f * (ext[i + 1] - ext[i]), 0, axis)
+
+    expected = interp_axis(interp_axis(small, shape[0], 0), shape[1], 1)
+    out = _upsample(small, step, shape)
+    assert out.shape == shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # at the samples themselves, the samples exactly
+    np.testing.assert_array_equal(out[::step, ::step],
+                                  small[:-(-shape[0] // step), :-(-shape[1] // step)])

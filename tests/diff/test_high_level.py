@@ -244,3 +244,19 @@ def test_filter_mismatch_is_an_error_unless_allowed(clean_runs):
     with pytest.warns(FilterMismatchWarning):
         result = zogy(other, sci_hdu, settings=DiffSettings(allow_filter_mismatch=True))
     assert result.quality["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_psf_fallback_warning_names_the_image_it_concerns(clean_runs):
+    # The two PSFs are measured side by side in two threads; the warning must still name
+    # the reference, not the science image.
+    pair = clean_runs[0][0]
+    rng = np.random.default_rng(0)
+    noisy = pair.ref.data + rng.normal(0, 10 * np.nanstd(pair.ref.data[:50, :50]),
+                                       pair.ref.data.shape).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, _ = difference(fits.PrimaryHDU(noisy, pair.ref.header),
+                               fits.PrimaryHDU(pair.sci.data, pair.sci.header))
+    assert (result.quality["psf_method_ref"], result.quality["psf_method_sci"]) == ("moffat", "empirical")
+    psf_warnings = [str(w.message) for w in caught if "PSF stars" in str(w.message)]
+    assert len(psf_warnings) == 1 and psf_warnings[0].startswith("reference: only ")

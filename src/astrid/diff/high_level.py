@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -233,7 +234,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     """Background, alignment, PSFs, flux ratio and variance maps of a reference/science pair."""
     from astrid.diff.align import align_reference
     from astrid.diff.background import LazyVariance
-    from astrid.diff.psf import measure_psf, psf_photometry
+    from astrid.diff.psf import psf_photometry
     from astrid.diff.stars import find_stars, fit_flux_ratio, good_stars, match_positions
     from astrid.diff.zogy_core import (
         MASK_BAD_ANY,
@@ -284,7 +285,6 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     del ref_native, rms_ref  # bounded memory: only the science-grid reference is kept
     timer.lap("align")
 
-    footprint = np.asarray(alignment.footprint, bool)
     mask = np.zeros(sci.shape, np.uint8)
     mask[sci_img.mask] |= MASK_SCI_BAD
     if sci_img.meta.saturation is not None:
@@ -305,7 +305,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     if ref_bad.any():
         # The alignment returns NaN both outside the reference and at its bad pixels; holes
         # enclosed by valid data are bad reference pixels, the rest is outside the overlap.
-        holes = ndimage.binary_fill_holes(footprint) & ref_bad
+        holes = _enclosed(ref_bad)
         mask[holes] |= MASK_REF_BAD
         mask[ref_bad & ~holes] |= MASK_NO_OVERLAP
 
@@ -316,16 +316,22 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         raise InputFileError(ref_name, "no stars detected in the overlap with the science image")
     timer.lap("stars")
 
-    with _blame(sci_name), warnings.catch_warnings(record=True) as caught:
+    # Both PSFs side by side: their FFTs, sorts and fits release the GIL for much of the time.
+    # catch_warnings is process-wide, so it is entered once here and each warning is
+    # attributed to its image by the thread that issued it.
+    caught = []
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=1) as pool:
         warnings.simplefilter("always")
-        psf_sci = measure_psf(sci, rms_sci, sci_img.mask, size_px=settings.psf_size_px,
-                              tile_px=settings.tile_px, stars=sci_stars, saturation=sat_sci)
-    _rewarn(caught, sci_name)
-    with _blame(ref_name), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        psf_ref = measure_psf(ref, sigma_ref, ref_bad, size_px=settings.psf_size_px,
-                              tile_px=settings.tile_px, stars=ref_stars)
-    _rewarn(caught, ref_name)
+        warnings.showwarning = lambda message, category, *_: caught.append(
+            (threading.get_ident(), message, category))
+        ref_job = pool.submit(_measured_psf, ref_name, ref, sigma_ref, ref_bad, settings,
+                              ref_stars)
+        psf_sci = _measured_psf(sci_name, sci, rms_sci, sci_img.mask, settings, sci_stars,
+                                sat_sci)
+        psf_ref = ref_job.result()
+    for ident, message, category in caught:
+        name = sci_name if ident == threading.get_ident() else ref_name
+        warnings.warn(f"{name}: {message}", category, stacklevel=2)
     timer.lap("psf")
 
     good_sci, good_ref = good_stars(sci_stars), good_stars(ref_stars)
@@ -364,6 +370,27 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         ref_xy=ref_stars[["x", "y"]].to_numpy(float),
         sci_xy=sci_stars[["x", "y"]].to_numpy(float), wcs=sci_img.wcs,
         timings_s=timer.timings)
+
+
+def _measured_psf(name: str, data, rms, mask, settings: DiffSettings, stars,
+                  saturation: float | None = None):
+    """:func:`measure_psf` of one image, its errors naming the image."""
+    from astrid.diff.psf import measure_psf
+
+    with _blame(name):
+        return measure_psf(data, rms, mask, size_px=settings.psf_size_px,
+                           tile_px=settings.tile_px, stars=stars, saturation=saturation)
+
+
+def _enclosed(bad: np.ndarray) -> np.ndarray:
+    """Pixels of ``bad`` in regions (4-connected) that do not touch the image border: what
+    ``binary_fill_holes(~bad) & bad`` gives, by one labelling pass (several times faster)."""
+    labels, _ = ndimage.label(bad)
+    outside = np.zeros(labels.max() + 1, bool)
+    outside[0] = True
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[edge] = True
+    return ~outside[labels]
 
 
 def release_freed_memory() -> None:
@@ -447,11 +474,6 @@ class _blame:
         if exc is not None and isinstance(exc, AstridError) and not isinstance(exc, InputFileError):
             raise InputFileError(self.label, str(exc)) from None
         return False
-
-
-def _rewarn(caught, label: str) -> None:
-    for w in caught:
-        warnings.warn(f"{label}: {w.message}", w.category, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------
