@@ -260,3 +260,32 @@ def test_psf_fallback_warning_names_the_image_it_concerns(clean_runs):
     assert (result.quality["psf_method_ref"], result.quality["psf_method_sci"]) == ("moffat", "empirical")
     psf_warnings = [str(w.message) for w in caught if "PSF stars" in str(w.message)]
     assert len(psf_warnings) == 1 and psf_warnings[0].startswith("reference: only ")
+
+
+def test_reference_holes_are_bad_reference_pixels_and_beyond_its_frame_no_overlap(clean_runs):
+    from astropy.wcs import WCS
+
+    from astrid.diff import MASK_NO_OVERLAP, MASK_REF_BAD
+
+    pair = clean_runs[0][0]
+    ref = pair.ref.data.copy()
+    ref[300:312, 300:320] = np.nan  # a blob inside the overlap
+    ref[:, 500] = np.nan  # a bad column from edge to edge: still the reference's own pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result, _ = difference(fits.PrimaryHDU(ref, pair.ref.header),
+                               fits.PrimaryHDU(pair.sci.data, pair.sci.header))
+    ref_wcs, sci_wcs = WCS(pair.ref.header).celestial, WCS(pair.sci.header).celestial
+    x, y = sci_wcs.world_to_pixel_values(*ref_wcs.pixel_to_world_values([310, 500], [306, 400]))
+    for xi, yi in zip(np.rint(x).astype(int), np.rint(y).astype(int), strict=True):
+        assert result.mask[yi, xi] & MASK_REF_BAD and not result.mask[yi, xi] & MASK_NO_OVERLAP
+    # science pixels beyond the reference frame are "no overlap", and only those
+    h, w = result.mask.shape
+    yy, xx = np.mgrid[0:h:7, 0:w:7]
+    rx, ry = ref_wcs.world_to_pixel_values(*sci_wcs.pixel_to_world_values(xx, yy))
+    rh, rw = ref.shape
+    outside = (rx < -0.5) | (ry < -0.5) | (rx > rw - 0.5) | (ry > rh - 0.5)
+    # the output mask grows each flag by the ZOGY kernel's reach (well under 20 px)
+    margin = (rx < 20) | (ry < 20) | (rx > rw - 21) | (ry > rh - 21)
+    flagged = (result.mask[yy, xx] & MASK_NO_OVERLAP) != 0
+    assert outside.any() and (flagged[outside]).all() and not flagged[~outside & ~margin].any()

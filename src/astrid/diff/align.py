@@ -36,7 +36,8 @@ class Alignment:
     Attributes
     ----------
     ref_on_sci : (H, W) float32 reference on the science grid; NaN where there is no data.
-    footprint : (H, W) bool, True where ``ref_on_sci`` is valid.
+    footprint : (H, W) bool, True where the science pixel falls inside the reference frame
+        (``ref_on_sci`` is NaN outside it, and inside it at the reference's bad pixels).
     overlap : fraction of science pixels that fall inside the reference image.
     rms_px : 2-D residual RMS of matched stars after refinement (px); NaN if not refined.
     sigma_x_px, sigma_y_px : per-axis residual scatter of matched stars (px), for ZOGY's
@@ -131,12 +132,12 @@ def align_reference(ref_data: np.ndarray, ref_wcs: WCS | None, sci_shape: tuple[
             map_x, map_y = _map_nodes(grid_x, grid_y, affine, ref_wcs, sci_wcs)
 
     bad = bad_pixels(ref_data, ref_mask)
-    ref_on_sci, overlap = _warp(np.where(bad, np.float32(np.nan), ref_data), grid_x, grid_y,
-                                map_x, map_y, (height, width))
+    ref_on_sci, footprint = _warp(np.where(bad, np.float32(np.nan), ref_data), grid_x, grid_y,
+                                  map_x, map_y, (height, width))
+    overlap = float(footprint.mean())
     if overlap < min_overlap:
         raise AstridError(f"reference and science images overlap by only {overlap:.1%} "
                           f"of the science image (minimum {min_overlap:.0%})")
-    footprint = np.isfinite(ref_on_sci)
     return Alignment(ref_on_sci=ref_on_sci, footprint=footprint, overlap=overlap, rms_px=rms_px,
                      sigma_x_px=sigma_x, sigma_y_px=sigma_y, n_matched=n_matched,
                      affine=affine, grid_x=grid_x, grid_y=grid_y, map_x=map_x, map_y=map_y)
@@ -202,10 +203,10 @@ def _map_nodes(grid_x: np.ndarray, grid_y: np.ndarray, affine: np.ndarray, ref_w
 
 
 def _warp(ref: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray, map_x: np.ndarray,
-          map_y: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+          map_y: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Resample ``ref`` (NaN at bad pixels) through the node mapping onto a grid of ``shape``.
 
-    Returns (image (H, W) float32, fraction of output pixels inside the reference).
+    Returns (image (H, W) float32, (H, W) bool: output pixel inside the reference frame).
     """
     height, width = shape
     ref_h, ref_w = ref.shape
@@ -219,16 +220,15 @@ def _warp(ref: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray, map_x: np.nda
     kernel = _numba_kernel()
     if kernel is not None:
         out = np.empty(shape, np.float32)
-        inside_rows = np.zeros(height, np.int64)
-        kernel(np.ascontiguousarray(ref, np.float32), tx, ty, row_idx, row_w, out, inside_rows)
-        return out, float(inside_rows.sum()) / (height * width)
+        inside = np.empty(shape, np.bool_)
+        kernel(np.ascontiguousarray(ref, np.float32), tx, ty, row_idx, row_w, out, inside)
+        return out, inside
     padded = np.pad(np.asarray(ref, np.float32), _PAD, mode="edge")
     wy = np.zeros((height, len(grid_y)))
     np.put_along_axis(wy, row_idx, row_w, axis=1)
     x = (wy @ tx).astype(np.float32)
     y = (wy @ ty).astype(np.float32)
-    out = _resample_numpy(padded, x, y, ref_w, ref_h)
-    return out, float(_inside(x, y, ref_w, ref_h).mean())
+    return _resample_numpy(padded, x, y, ref_w, ref_h), _inside(x, y, ref_w, ref_h)
 
 
 def _detect(data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None) -> pd.DataFrame:
@@ -427,20 +427,20 @@ def _numba_kernel():
         return None
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def kernel(ref, tx, ty, row_idx, row_w, out, inside_rows):  # pragma: no cover
+    def kernel(ref, tx, ty, row_idx, row_w, out, inside):  # pragma: no cover
         n_rows, n_cols = out.shape
         height, width = ref.shape
         for r in numba.prange(n_rows):
             i0, i1, i2, i3 = row_idx[r, 0], row_idx[r, 1], row_idx[r, 2], row_idx[r, 3]
             a0, a1, a2, a3 = row_w[r, 0], row_w[r, 1], row_w[r, 2], row_w[r, 3]
-            n_inside = 0
             for c in range(n_cols):
                 xv = a0 * tx[i0, c] + a1 * tx[i1, c] + a2 * tx[i2, c] + a3 * tx[i3, c]
                 yv = a0 * ty[i0, c] + a1 * ty[i1, c] + a2 * ty[i2, c] + a3 * ty[i3, c]
                 if not (xv >= -0.5 and xv <= width - 0.5 and yv >= -0.5 and yv <= height - 0.5):
                     out[r, c] = np.nan
+                    inside[r, c] = False
                     continue
-                n_inside += 1
+                inside[r, c] = True
                 fx0 = np.floor(xv)
                 fy0 = np.floor(yv)
                 f = xv - fx0
@@ -466,7 +466,6 @@ def _numba_kernel():
                     acc += wy * (wx0 * ref[row, c0] + wx1 * ref[row, c1]
                                  + wx2 * ref[row, c2] + wx3 * ref[row, c3])
                 out[r, c] = acc
-            inside_rows[r] = n_inside
 
     _NUMBA_KERNEL = kernel
     return kernel
