@@ -7,8 +7,8 @@ Stages (each resumable; ``all`` runs build, train, ensemble, package, package-fa
 ``build``    simulate the survey (``sim`` section), ZOGY-difference every pair, detect
              candidates, cut and label triplets into ``WORK/dataset``, grouped split by pair.
 ``train``    train ``astrid`` (the ``train`` section), the ``braai`` baseline and ``braai_fast``
-             on the same split; evaluate both on the held-out test pairs; cross-PSF validation (train on
-             the sharper half of the pairs, test on the blurrier half).
+             on the same split; evaluate each on the held-out test pairs; cross-PSF validation
+             (train on the sharper half of the pairs, test on the blurrier half).
 ``ensemble`` average the logits of the trained astrid and braai (``WORK/models/ensemble``):
              temperature and threshold fitted on the validation split, as training does for
              one network; compare the three on validation and adopt the ensemble only if its
