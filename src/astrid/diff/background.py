@@ -160,39 +160,63 @@ def _open_2x2(mask: np.ndarray) -> np.ndarray:
 
 
 def _upsample(small: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
-    """Linear interpolation of a smooth map sampled at every ``step``-th pixel to ``shape``.
+    """Linear interpolation of a smooth map sampled at every ``step``-th pixel to ``shape``;
+    beyond the last sample the map is extrapolated linearly.
 
-    Each output phase is one slice assignment into a (samples, step) layout (memory-bound,
-    no gathers); beyond the last sample the map is extrapolated linearly.
+    One pass of a compiled loop that writes each output pixel once (2.5x faster than numpy
+    slice arithmetic at 2048^2, with the same float32 operations in the same order). Serial on
+    purpose: the two images' backgrounds already run side by side in two threads.
     """
-    a = small.astype(np.float32)
-    h, w = a.shape
-    nxt = np.concatenate([a[1:], 2 * a[-1:] - a[-2:-1]]) if h > 1 else a
-    rows = np.empty((h, step, w), np.float32)
-    _interpolate_phases(a, nxt, rows, axis=1)
-    a = rows.reshape(h * step, w)[:shape[0]]
-    nxt = np.concatenate([a[:, 1:], 2 * a[:, -1:] - a[:, -2:-1]], axis=1) if w > 1 else a
-    cols = np.empty((shape[0], w, step), np.float32)
-    _interpolate_phases(a, nxt, cols, axis=2)
-    out = cols.reshape(shape[0], w * step)
-    return out if out.shape[1] == shape[1] else np.ascontiguousarray(out[:, :shape[1]])
+    out = np.empty(shape, np.float32)
+    _upsample_kernel()(np.ascontiguousarray(small, np.float32), int(step), out)
+    return out
 
 
-def _interpolate_phases(a: np.ndarray, nxt: np.ndarray, out: np.ndarray, axis: int) -> None:
-    """``out[phase] = a + (phase / step) * (nxt - a)`` along ``axis`` of ``out``, in place.
+_UPSAMPLE_KERNEL = None
 
-    The slope ``nxt - a`` is formed once and each phase written without full-size
-    temporaries (same float32 operations, so the same values, at a fraction of the traffic).
-    """
-    step = out.shape[axis]
-    slope = nxt - a
-    for phase in range(step):
-        dst = out[:, phase, :] if axis == 1 else out[:, :, phase]
-        if phase == 0:
-            dst[...] = a
-            continue
-        np.multiply(slope, np.float32(phase / step), out=dst)
-        dst += a
+
+def _upsample_kernel():
+    """The compiled upsampling loop (numba, compiled once and cached on disk)."""
+    global _UPSAMPLE_KERNEL
+    if _UPSAMPLE_KERNEL is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def kernel(small, step, out):  # pragma: no cover
+            sh, sw = small.shape
+            h, w = out.shape
+            phase = np.empty(step, np.float32)
+            for p in range(step):
+                phase[p] = np.float32(p / step)
+            row = np.empty(sw, np.float32)
+            for r in range(h):
+                # this output row between two sample rows, then along it
+                i = r // step
+                t = phase[r - i * step]
+                for j in range(sw):
+                    a = small[i, j]
+                    if i + 1 < sh:
+                        nxt = small[i + 1, j]
+                    elif sh > 1:
+                        nxt = np.float32(2) * a - small[i - 1, j]
+                    else:
+                        nxt = a
+                    row[j] = (nxt - a) * t + a
+                for j in range(sw):
+                    a = row[j]
+                    if j + 1 < sw:
+                        nxt = row[j + 1]
+                    elif sw > 1:
+                        nxt = np.float32(2) * a - row[j - 1]
+                    else:
+                        nxt = a
+                    slope = nxt - a
+                    c0 = j * step
+                    for p in range(min(step, w - c0)):
+                        out[r, c0 + p] = slope * phase[p] + a
+
+        _UPSAMPLE_KERNEL = kernel
+    return _UPSAMPLE_KERNEL
 
 
 def _robust_sigma(values: np.ndarray, max_samples: int = 300_000) -> float:
