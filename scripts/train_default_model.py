@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "src" / "astrid" / "models" / "default"
 FAST_PACKAGE_DIR = ROOT / "src" / "astrid" / "models" / "fast"
 TRAINED_MODELS = ("astrid", "braai", "braai_fast")
+# braai_fast was still improving on validation at epoch 30 of the `train` section's schedule;
+# trained for 60 (patience 12) its validation FNR at FPR = 1% fell from 1.22% to 1.03%.
+TRAIN_OVERRIDES = {"braai_fast": {"epochs": 60, "patience": 12}}
 PACKAGED_FILES = ("model.onnx", "model.pt", "model.json", "history.csv")
 PLOTS = ("pr.png", "roc.png", "reliability.png", "scores.png", "worst_misses.png",
          "worst_false_positives.png")
@@ -165,7 +168,7 @@ def train_all(settings, work: Path, device: str, threads: int,
     base = settings.train.model_copy(update={"device": device, "threads": threads})
     for name in models:
         t0 = time.perf_counter()
-        s = base.model_copy(update={"model": name})
+        s = base.model_copy(update={"model": name, **TRAIN_OVERRIDES.get(name, {})})
         result = train(dataset, work / "models" / name, s)
         log(f"trained {name}: best epoch {result.best_epoch}/{len(result.history)}, "
             f"T={result.temperature:.3f}, {time.perf_counter() - t0:.0f} s")
