@@ -80,7 +80,7 @@ def export_cmd(model_dir: Annotated[Path, typer.Argument(help="Model directory (
 def score_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Dataset dirs, .npz (sci, ref, diff) or alert packets.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV to write.")],
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model directory, or a packaged model: default (most accurate) or fast (braai_fast, for alert streams). Default: default.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model directory, or a packaged model: default (the ensemble chosen on validation) or fast (braai_fast, > 5,000 triplets/s, for alert streams). Default: default.")] = None,
     backend: Annotated[str | None, typer.Option(help="onnx or torch (default from config).")] = None,
     config: ConfigOption = None,
     quiet: QuietOption = False,

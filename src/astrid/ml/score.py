@@ -37,7 +37,8 @@ PACKAGED_MODELS = ("default", "fast")  # astrid/models/<name>; "fast" is braai_f
 
 
 def default_model_dir(name: str = "default") -> Path:
-    """A packaged model: ``default`` (the most accurate) or ``fast`` (for alert streams)."""
+    """A packaged model: ``default`` (the ensemble chosen on validation) or ``fast`` (braai_fast,
+    for alert streams)."""
     return Path(__file__).resolve().parents[1] / "models" / name
 
 
