@@ -88,6 +88,11 @@ def test_calibrate_gives_the_temperature_and_the_threshold_at_one_percent_fpr():
     assert np.mean(prob[y == 0] >= threshold) <= 0.01
     assert np.mean(prob[y == 0] >= threshold - 0.01) > 0.01  # the loosest such threshold
     assert m.calibrate(true_logit[:50], np.ones(50, int))[1] == 0.5  # one class: no FPR
+    # every bogus above every real: no threshold keeps a real at 1% FPR; 1.0, not +inf
+    logits = np.r_[np.full(20, 5.0), np.linspace(-3, 3, 80)]
+    labels = np.r_[np.zeros(20, int), np.ones(80, int)]
+    assert m.fnr_at_fpr(labels, m.sigmoid(logits), 0.01)[1] == np.inf
+    assert m.calibrate(logits, labels)[1] == 1.0
 
 
 def test_grouped_bootstrap_is_wider_when_groups_are_correlated():

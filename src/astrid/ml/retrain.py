@@ -367,9 +367,10 @@ def _fine_tune(base_dir: Path, base_info: dict, x_lab, y_lab, x_rep, y_rep, x_ca
     info = dict(base_info)
     if x_cal is not None and len(np.unique(y_cal)) == 2:
         logits = predict_logits(net, prep(x_cal))
-        info["temperature"] = float(M.fit_temperature(logits, y_cal))
-        info["threshold"] = float(M.fnr_at_fpr(y_cal, M.sigmoid(logits / info["temperature"]),
-                                               0.01)[1])
+        # As training calibrates: a threshold no real passes is clamped to 1.0, never +inf
+        # (which model.json could not hold as JSON).
+        temperature, threshold = M.calibrate(logits, y_cal)
+        info["temperature"], info["threshold"] = float(temperature), float(threshold)
         info["calibration"] = "temperature and threshold refit on the original validation split"
     else:
         info["calibration"] = "temperature and threshold kept from the base model"
