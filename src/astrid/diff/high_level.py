@@ -16,6 +16,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -262,12 +263,11 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     # The two images side by side: numpy releases the GIL, so one image's array work overlaps
     # the other's sep calls (sep holds the GIL). Not for large frames, where both images'
     # temporaries at once would lift the peak memory (over 1 GB at 4096^2).
-    side_by_side = max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ref_job = pool.submit(background_and_stars, ref_img, ref_name) if side_by_side else None
-        sci, rms_sci, sigma_sci, sat_sci, sci_stars = background_and_stars(sci_img, sci_name)
-        ref_native, rms_ref, sigma_ref, sat_ref, ref_stars_native = (
-            ref_job.result() if ref_job else background_and_stars(ref_img, ref_name))
+    (sci, rms_sci, sigma_sci, sat_sci, sci_stars), \
+        (ref_native, rms_ref, sigma_ref, sat_ref, ref_stars_native) = _side_by_side(
+            partial(background_and_stars, sci_img, sci_name),
+            partial(background_and_stars, ref_img, ref_name),
+            parallel=max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS)
     timer.lap("background+stars")
     if len(sci_stars) == 0:
         raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
@@ -317,15 +317,14 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     # catch_warnings is process-wide, so it is entered once here and each warning is
     # attributed to its image by the thread that issued it.
     caught = []
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=1) as pool:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, category, *_: caught.append(
             (threading.get_ident(), message, category))
-        ref_job = pool.submit(_measured_psf, ref_name, ref, sigma_ref, ref_bad, settings,
-                              ref_stars)
-        psf_sci = _measured_psf(sci_name, sci, rms_sci, sci_img.mask, settings, sci_stars,
-                                sat_sci)
-        psf_ref = ref_job.result()
+        psf_sci, psf_ref = _side_by_side(
+            partial(_measured_psf, sci_name, sci, rms_sci, sci_img.mask, settings, sci_stars,
+                    sat_sci),
+            partial(_measured_psf, ref_name, ref, sigma_ref, ref_bad, settings, ref_stars))
     for ident, message, category in caught:
         name = sci_name if ident == threading.get_ident() else ref_name
         warnings.warn(f"{name}: {message}", category, stacklevel=2)
@@ -367,6 +366,17 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         ref_xy=ref_stars[["x", "y"]].to_numpy(float),
         sci_xy=sci_stars[["x", "y"]].to_numpy(float), wcs=sci_img.wcs,
         timings_s=timer.timings)
+
+
+def _side_by_side(sci_job, ref_job, parallel: bool = True):
+    """``(sci_job(), ref_job())``, the reference's job in a helper thread while this thread
+    runs the science's (numpy, scipy's FFTs and sorts release the GIL); one after the other
+    when not ``parallel``."""
+    if not parallel:
+        return sci_job(), ref_job()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ref_future = pool.submit(ref_job)
+        return sci_job(), ref_future.result()
 
 
 def _measured_psf(name: str, data, rms, mask, settings: DiffSettings, stars,
@@ -557,15 +567,21 @@ def _finish(pair: PreparedPair, diff, scorr, flux, flux_err, mask, ratio, method
     t0 = time.perf_counter()
     fwhm_sci, fwhm_ref = float(pair.psf_sci.fwhm_px), float(pair.psf_ref.fwhm_px)
     psf_sci, psf_ref = pair.psf_sci.central, pair.psf_ref.central
-    # The star chi^2 beside the noise ratios: both are mostly FFTs and partitions (no GIL).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        chi2_job = pool.submit(
-            q.star_residual_chi2, diff, pair.ref_xy, pair.var_sci, pair.var_ref, psf_ref,
-            psf_sci, sigma_ref=pair.sigma_ref, sigma_sci=pair.sigma_sci, flux_ratio=ratio,
-            radius_px=max(fwhm_sci, fwhm_ref), mask=mask) if method == "zogy" else None
+    def noise():
         free = q.source_free(pair.sci, pair.ref, pair.sigma_sci, pair.sigma_ref)
-        nr_s, nr_d, n_pix = q.noise_ratios(scorr, diff, mask, free)
-        chi2, n_chi2 = chi2_job.result() if chi2_job else (float("nan"), 0)
+        return q.noise_ratios(scorr, diff, mask, free)
+
+    def star_chi2():
+        if method != "zogy":
+            return float("nan"), 0
+        return q.star_residual_chi2(
+            diff, pair.ref_xy, pair.var_sci, pair.var_ref, psf_ref, psf_sci,
+            sigma_ref=pair.sigma_ref, sigma_sci=pair.sigma_sci, flux_ratio=ratio,
+            radius_px=max(fwhm_sci, fwhm_ref), mask=mask)
+
+    # The star chi^2 beside the noise ratios: both are mostly FFTs and partitions (no GIL).
+    (nr_s, nr_d, n_pix), (chi2, n_chi2) = _side_by_side(noise, star_chi2,
+                                                        parallel=method == "zogy")
     rescale = 1.0
     if method == "zogy" and rescale_scorr and np.isfinite(nr_s) and nr_s > 0 \
             and n_pix >= _MIN_NOISE_PIXELS:
