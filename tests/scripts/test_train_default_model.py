@@ -1,4 +1,4 @@
-"""The recipe script's guard against evaluating models on pairs they were trained on."""
+"""The recipe script: its guards against testing on pairs a model trained on, and its choice."""
 
 from __future__ import annotations
 
@@ -60,3 +60,18 @@ def test_pairs_a_member_never_saw_cannot_be_checked(recipe, tmp_path):
     with pytest.raises(AstridError, match="no split.parquet"):
         recipe.check_held_out(meta, _rows(meta, {"a": "train", "b": "val", "c": "test"}),
                               [tmp_path], "pair_id")
+
+
+def test_the_choice_is_the_lowest_validation_fnr_and_a_tie_goes_to_fewer_members(recipe):
+    assert recipe.choose({"a": 0.011, "a+b": 0.009, "b": 0.010}) == "a+b"
+    assert recipe.choose({"a+b": 0.009, "a+b+c": 0.009, "c": 0.012}) == "a+b"
+    assert recipe.choose({"a+b": 0.0095, "b": 0.0095}) == "b"
+
+
+def test_a_holdout_pair_a_member_trained_with_is_refused(recipe, tmp_path):
+    training_survey = _meta(["s1-a", "s1-b", "s1-c"])
+    member = _member(tmp_path, training_survey, {"s1-a": "train", "s1-b": "val", "s1-c": "test"})
+    recipe.check_never_trained_on(_meta(["s2-a", "s2-b"]), [member])
+    # a pair of the first survey's validation split counts too: it chose the member's epoch
+    with pytest.raises(AstridError, match=r"holdout pairs \['s1-b'\]"):
+        recipe.check_never_trained_on(_meta(["s2-a", "s1-b"]), [member])

@@ -25,13 +25,23 @@ class Background:
     level : (H, W) float32, background level in ADU.
     rms : (H, W) float32, background noise (standard deviation per pixel) in ADU.
     sigma_adu : robust global noise per pixel in ADU (1.4826 MAD of the source-masked sky).
-    source_mask : (H, W) bool, pixels masked as sources for the second pass.
+    sources : bool map of the pixels masked as sources for the second pass, on the grid
+        the background was estimated on (every ``step``-th pixel); ``source_mask`` is it at
+        full resolution, built only when asked for (differencing never does).
+    step : the subsampling step of ``sources``.
     """
 
     level: np.ndarray
     rms: np.ndarray
     sigma_adu: float
-    source_mask: np.ndarray
+    sources: np.ndarray
+    step: int = 1
+
+    @property
+    def source_mask(self) -> np.ndarray:
+        """(H, W) bool, pixels masked as sources for the second pass."""
+        h, w = self.level.shape
+        return np.repeat(np.repeat(self.sources, self.step, axis=0), self.step, axis=1)[:h, :w]
 
 
 def sep_array(a: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -131,11 +141,9 @@ def estimate_background(data: np.ndarray, mask: np.ndarray | None = None, *, box
     if step > 1:
         level = _upsample(level, step, data.shape)
         rms = _upsample(rms, step, data.shape)
-        sources = np.repeat(np.repeat(sources, step, axis=0), step, axis=1)[:data.shape[0],
-                                                                           :data.shape[1]]
     return Background(level=level.astype(np.float32, copy=False),
                       rms=rms.astype(np.float32, copy=False), sigma_adu=sigma_adu,
-                      source_mask=sources)
+                      sources=sources, step=step)
 
 
 def _box3(image: np.ndarray) -> np.ndarray:
