@@ -9,6 +9,7 @@ from astrid.diff.background import estimate_background
 from astrid.diff.psf import measure_psf, psf_photometry
 from astrid.diff.stars import (
     BINNED_DETECTION_MIN_PX,
+    _error_map,
     find_stars,
     fit_flux_ratio,
     good_stars,
@@ -94,6 +95,18 @@ def test_sep_extract_grows_its_pixel_stack_for_crowded_frames():
     image[100:700, 100:700] = 100.0  # 360,000 pixels above threshold: more than sep's default
     objects = sep_extract(image, 1.0)
     assert len(objects) == 1 and objects["npix"][0] >= 600 * 600
+
+
+def test_error_map_uses_a_usable_rms_map_as_it_is_and_repairs_others_in_a_copy():
+    rms = np.full((64, 64), 3.0, np.float32)
+    assert _error_map(rms, rms.shape) is rms
+    for bad in (np.nan, 0.0, np.inf):
+        broken = rms.copy()
+        broken[5, 7] = bad
+        err = _error_map(broken, broken.shape)
+        assert not np.shares_memory(err, broken) and (broken[5, 7] == bad or np.isnan(bad))
+        assert err[5, 7] == np.inf and (np.delete(err.ravel(), 5 * 64 + 7) == 3.0).all()
+    assert (_error_map(2.5, (4, 4)) == 2.5).all()
 
 
 def test_empty_image_gives_empty_table():
