@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from astrid.diff.background import estimate_background
@@ -74,6 +75,25 @@ def test_find_stars_positions_fluxes_and_flags():
         found["flux_err"].to_numpy()[normal]
     assert np.std(pulls) < 2.0  # errors are background-only; source noise absent in this image
     assert len(good_stars(stars)) == normal.sum()
+
+
+@pytest.mark.parametrize("size", [512, BINNED_DETECTION_MIN_PX])
+def test_the_values_of_masked_pixels_do_not_matter(size):
+    # Masked pixels are not copied to zero first: sep must skip them wherever they sit,
+    # here across the cores and apertures of several stars.
+    xy = grid_positions(size=size)
+    image = render(xy, np.full(len(xy), 5e4), shape=(size, size))
+    mask = np.zeros(image.shape, bool)
+    for x, y in xy[::7]:
+        mask[int(y) - 2:int(y) + 3, int(x) - 4:int(x) + 1] = True
+    tables = []
+    for fill in (0.0, np.nan, 1e6):
+        filled = image.copy()
+        filled[mask] = fill
+        tables.append(find_stars(filled, SIGMA_ADU, mask))
+    assert len(tables[0]) >= len(xy) - 2 and tables[0]["flag_masked"].sum() >= len(xy[::7])
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(other, tables[0])
 
 
 def test_large_frames_found_binned_are_measured_at_full_resolution():

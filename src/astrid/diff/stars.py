@@ -91,7 +91,8 @@ def find_stars(data: np.ndarray, rms: np.ndarray | float, mask: np.ndarray | Non
     if data.ndim != 2:
         raise AstridError(f"find_stars needs a 2-D image, got shape {data.shape}")
     bad = bad_pixels(data, mask)
-    work = sep_array(np.where(bad, 0.0, data))
+    # No zero-filled copy: every bad pixel is masked for sep, which then ignores its value.
+    work = sep_array(data)
     err = _error_map(rms, data.shape)
     bad_u8 = sep_array(bad, np.uint8)
     step = 2 if min(data.shape) >= BINNED_DETECTION_MIN_PX else 1
