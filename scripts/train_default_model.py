@@ -387,9 +387,9 @@ def record_sky_subtract(member_dirs, default: bool) -> None:
             log(f"{d}: no sky_subtract recorded; set to the current default {default}")
 
 
-def build_ensemble(settings, work: Path, threads: int, members=None) -> dict:
-    """Ensemble of the trained ``members`` (default: the chosen ones), calibrated on the training
-    survey's validation pairs, tested on its test pairs."""
+def build_ensemble(settings, work: Path, threads: int, members) -> dict:
+    """Ensemble of the trained ``members``, calibrated on the training survey's validation
+    pairs, tested on its test pairs."""
     import torch
 
     from astrid.ml import metrics as M
@@ -404,7 +404,6 @@ def build_ensemble(settings, work: Path, threads: int, members=None) -> dict:
 
     set_quiet(True)
     torch.set_num_threads(threads)
-    members = members or chosen_model(work).split("+")
     dataset, out = work / "dataset", work / "models" / "ensemble"
     member_dirs = [work / "models" / m for m in members]
     net, arch, prep = load_ensemble(member_dirs)
