@@ -468,19 +468,21 @@ def shipped_model(work: Path) -> str:
     return "ensemble" if "+" in chosen else chosen
 
 
-def holdout_report(work: Path, name: str) -> dict | None:
-    """``WORK/models/NAME`` evaluated on the holdout survey's test pairs, if there is a holdout
-    (kept from an earlier run unless the model has been rewritten since)."""
+def test_report(work: Path, name: str, holdout: bool = False) -> dict | None:
+    """``WORK/models/NAME`` evaluated on the test pairs of the training survey (``WORK/eval``)
+    or of the holdout survey (``WORK/eval_holdout``); None when that survey or model is not
+    there. An evaluation is kept unless the model has been rewritten since (``calibrate``)."""
     from astrid.ml.evaluate import evaluate
 
-    dataset, out = work / "holdout" / "dataset", work / "eval_holdout" / name
-    if not (dataset / "dataset.json").exists():
+    dataset = work / ("holdout" if holdout else "") / "dataset"
+    out = work / ("eval_holdout" if holdout else "eval") / name
+    model = work / "models" / name / "model.onnx"
+    if not (dataset / "dataset.json").exists() or not model.exists():
         return None
     report = out / "metrics.json"
-    model = work / "models" / name / "model.onnx"
     if not report.exists() or report.stat().st_mtime < model.stat().st_mtime:
         evaluate(work / "models" / name, dataset, out, "test")
-    return json.loads((out / "metrics.json").read_text())
+    return json.loads(report.read_text())
 
 
 def package(work: Path, dest: Path = PACKAGE_DIR, shipped: str | None = None) -> None:
@@ -497,14 +499,13 @@ def package(work: Path, dest: Path = PACKAGE_DIR, shipped: str | None = None) ->
     previous = json.loads(old.read_text()) if old.exists() and same_model else {}
     for name in PACKAGED_FILES:
         shutil.copy2(src / name, dest / name)
-    holdout = holdout_report(work, shipped)
+    holdout = test_report(work, shipped, holdout=True)
     # plots from the larger test set: the holdout survey's test pairs where they exist
     plots_from = work / ("eval_holdout" if holdout else "eval") / shipped
     for name in PLOTS:
         if (plots_from / name).exists():
             shutil.copy2(plots_from / name, dest / name)
-    reports = {n: json.loads((work / "eval" / n / "metrics.json").read_text())
-               for n in (*TRAINED_MODELS, "ensemble") if (work / "eval" / n / "metrics.json").exists()}
+    reports = {n: r for n in (*TRAINED_MODELS, "ensemble") if (r := test_report(work, n))}
     info = json.loads((src / "model.json").read_text())
     metrics = {"default": shipped,
                "test_simulated": {n: _brief(r) for n, r in reports.items()},
