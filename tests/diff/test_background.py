@@ -106,26 +106,44 @@ def test_subsampled_maps_cover_odd_shapes():
     assert abs(np.median(bkg.rms) / SIGMA_ADU - 1) < 0.05
 
 
-@pytest.mark.parametrize("small_shape, step, shape", [((40, 33), 2, (80, 65)), ((9, 7), 3, (26, 21)),
-                                                      ((1, 6), 2, (2, 11))])
-def test_upsampling_is_bilinear_between_samples_and_linear_beyond_the_last(small_shape, step, shape):
-    from astrid.diff.background import _upsample
+@pytest.mark.parametrize("shape, box", [((700, 900), 64), ((301, 257), 32)])
+def test_mesh_estimator_gives_seps_numbers(shape, box):
+    """The compiled estimator is sep's: the same maps as ``sep.Background`` (partial cells at
+    the far edges, masked and NaN pixels, the median filter and the spline included)."""
+    from astrid.diff import background, sky_mesh
 
-    rng = np.random.default_rng(2)
-    small = rng.normal(size=small_shape).astype(np.float32)
-    # sample k sits at pixel k * step; one extra node extrapolates beyond the last sample
-    def interp_axis(a, n, axis):
-        a = np.moveaxis(a, axis, 0).astype(float)
-        ext = np.concatenate([a, 2 * a[-1:] - a[-2:-1]]) if len(a) > 1 else np.concatenate([a, a])
-        pos = np.arange(n) / step
-        i = np.floor(pos).astype(int)
-        f = (pos - i).reshape(-1, *[1] * (a.ndim - 1))
-        return np.moveaxis(ext[i] + f * (ext[i + 1] - ext[i]), 0, axis)
+    image, _ = star_field(shape, n_stars=400, seed=2)
+    mask = np.zeros(shape, bool)
+    mask[100:140, 50:200] = True
+    image[200:210, 100:160] = np.nan
+    bad = mask | ~np.isfinite(image)
+    theirs = sep.Background(np.where(bad, 0, image).astype(np.float32),
+                            mask=bad.astype(np.uint8), bw=box, bh=box, fw=3, fh=3)
+    level, sigma = sky_mesh.mesh_statistics(image, mask, np.zeros((0, 0), bool), 1, box)
+    level, sigma = (a.astype(float) for a in sky_mesh.fill_and_filter(level, sigma, 1))
+    rows, cols = background._mesh_coordinates(shape, 1, box)
+    ours_level = sky_mesh.evaluate(level, sky_mesh.spline_d2(level), rows, cols)
+    ours_rms = sky_mesh.evaluate(sigma, sky_mesh.spline_d2(sigma), rows, cols)
+    assert np.median(level) == pytest.approx(theirs.globalback, abs=1e-4)
+    np.testing.assert_allclose(ours_level, theirs.back(), atol=2e-3)  # ADU; the noise is 12
+    np.testing.assert_allclose(ours_rms, theirs.rms(), rtol=2e-4)
 
-    expected = interp_axis(interp_axis(small, shape[0], 0), shape[1], 1)
-    out = _upsample(small, step, shape)
-    assert out.shape == shape and out.dtype == np.float32
-    np.testing.assert_allclose(out, expected, atol=1e-5)
-    # at the samples themselves, the samples exactly
-    np.testing.assert_array_equal(out[::step, ::step],
-                                  small[:-(-shape[0] // step), :-(-shape[1] // step)])
+
+def test_parallel_estimate_and_fused_subtraction_match_the_maps():
+    from astrid.diff.background import measure_background
+
+    image, _ = star_field((600, 520), n_stars=200, seed=4)
+    mask = np.zeros(image.shape, bool)
+    mask[50:60, :] = True
+    image[300, 300] = np.inf
+    serial = measure_background(image, mask, subsample=2)
+    parallel = measure_background(image, mask, subsample=2, parallel=True)
+    np.testing.assert_array_equal(serial.level, parallel.level)
+    np.testing.assert_array_equal(serial.sigma, parallel.sigma)
+    level, rms = serial.maps(image.shape)
+    for par in (False, True):
+        data, rms_fused = serial.subtract(image, mask, parallel=par)
+        np.testing.assert_array_equal(rms_fused, rms)
+        bad = mask | ~np.isfinite(image)
+        assert np.isnan(data[bad]).all() and np.isfinite(data[~bad]).all()
+        np.testing.assert_allclose(data[~bad], (image - level)[~bad], atol=1e-3)

@@ -431,16 +431,25 @@ def _numba_kernel():
         n_rows, n_cols = out.shape
         height, width = ref.shape
         for r in numba.prange(n_rows):
-            i0, i1, i2, i3 = row_idx[r, 0], row_idx[r, 1], row_idx[r, 2], row_idx[r, 3]
+            # This row's reference positions first, in a loop over whole node rows (which
+            # numba can index without its negative-index checks).
             a0, a1, a2, a3 = row_w[r, 0], row_w[r, 1], row_w[r, 2], row_w[r, 3]
+            t0, t1, t2, t3 = tx[row_idx[r, 0]], tx[row_idx[r, 1]], tx[row_idx[r, 2]], \
+                tx[row_idx[r, 3]]
+            u0, u1, u2, u3 = ty[row_idx[r, 0]], ty[row_idx[r, 1]], ty[row_idx[r, 2]], \
+                ty[row_idx[r, 3]]
+            xs, ys = np.empty(n_cols), np.empty(n_cols)
             for c in range(n_cols):
-                xv = a0 * tx[i0, c] + a1 * tx[i1, c] + a2 * tx[i2, c] + a3 * tx[i3, c]
-                yv = a0 * ty[i0, c] + a1 * ty[i1, c] + a2 * ty[i2, c] + a3 * ty[i3, c]
+                xs[c] = a0 * t0[c] + a1 * t1[c] + a2 * t2[c] + a3 * t3[c]
+                ys[c] = a0 * u0[c] + a1 * u1[c] + a2 * u2[c] + a3 * u3[c]
+            o, ins = out[r], inside[r]
+            for c in range(n_cols):
+                xv, yv = xs[c], ys[c]
                 if not (xv >= -0.5 and xv <= width - 0.5 and yv >= -0.5 and yv <= height - 0.5):
-                    out[r, c] = np.nan
-                    inside[r, c] = False
+                    o[c] = np.nan
+                    ins[c] = False
                     continue
-                inside[r, c] = True
+                ins[c] = True
                 fx0 = np.floor(xv)
                 fy0 = np.floor(yv)
                 f = xv - fx0
@@ -457,6 +466,15 @@ def _numba_kernel():
                 wy3 = 0.5 * g2 * g - 0.5 * g2
                 ix = int(fx0) - 1
                 iy = int(fy0) - 1
+                if ix >= 0 and iy >= 0 and ix + 3 < width and iy + 3 < height:
+                    # Away from the border (nearly every pixel): no clamping.
+                    p0, p1 = ref[iy, ix:ix + 4], ref[iy + 1, ix:ix + 4]
+                    p2, p3 = ref[iy + 2, ix:ix + 4], ref[iy + 3, ix:ix + 4]
+                    o[c] = (wy0 * (wx0 * p0[0] + wx1 * p0[1] + wx2 * p0[2] + wx3 * p0[3])
+                            + wy1 * (wx0 * p1[0] + wx1 * p1[1] + wx2 * p1[2] + wx3 * p1[3])
+                            + wy2 * (wx0 * p2[0] + wx1 * p2[1] + wx2 * p2[2] + wx3 * p2[3])
+                            + wy3 * (wx0 * p3[0] + wx1 * p3[1] + wx2 * p3[2] + wx3 * p3[3]))
+                    continue
                 c0, c1 = min(max(ix, 0), width - 1), min(max(ix + 1, 0), width - 1)
                 c2, c3 = min(max(ix + 2, 0), width - 1), min(max(ix + 3, 0), width - 1)
                 acc = 0.0
@@ -465,7 +483,7 @@ def _numba_kernel():
                     row = min(max(iy + j, 0), height - 1)
                     acc += wy * (wx0 * ref[row, c0] + wx1 * ref[row, c1]
                                  + wx2 * ref[row, c2] + wx3 * ref[row, c3])
-                out[r, c] = acc
+                o[c] = acc
 
     _NUMBA_KERNEL = kernel
     return kernel

@@ -1,9 +1,10 @@
-"""Sky background and noise: sep background/RMS maps with sources masked, and variance maps.
+"""Sky background and noise: sep's background/RMS maps with sources masked, and variance maps.
 
-The background is estimated twice: a first sep pass finds where the sources are (pixels of the
-smoothed, background-subtracted image above a threshold, dilated to cover the PSF wings), and a
-second pass with those pixels masked gives a level and an RMS that bright stars and galaxies do
-not bias upwards.
+The background is estimated twice with sep's (SExtractor's) mesh estimator: a first pass finds
+where the sources are (pixels of the smoothed, background-subtracted image above a threshold,
+dilated to cover the PSF wings), and a second pass with those pixels masked gives a level and an
+RMS that bright stars and galaxies do not bias upwards. The estimator itself is compiled in
+:mod:`astrid.diff.sky_mesh` (the same numbers as ``sep.Background``, without the GIL).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import sep
 
 from astrid.errors import AstridError
 
@@ -77,6 +77,67 @@ def bad_pixels(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return bad
 
 
+@dataclass(frozen=True)
+class BackgroundMesh:
+    """A background estimate on its mesh, from which the full-resolution maps are evaluated.
+
+    Attributes
+    ----------
+    level, sigma : (ny, nx) float64 cell values (ADU), ``sigma`` scaled to ``sigma_adu``.
+    level_d2, sigma_d2 : their spline second derivatives along the mesh columns.
+    box : cell side in sampled pixels; ``step`` the sampling step (cell side ``box * step``
+        full-resolution pixels).
+    sigma_adu : robust global noise per pixel (1.4826 MAD of the source-masked sky).
+    level_median : median of the level map over the image (ADU).
+    sources : bool map of the pixels masked as sources, on the sampled grid.
+    """
+
+    level: np.ndarray
+    sigma: np.ndarray
+    level_d2: np.ndarray
+    sigma_d2: np.ndarray
+    box: int
+    step: int
+    sigma_adu: float
+    level_median: float
+    sources: np.ndarray
+
+    def coordinates(self, shape: tuple[int, int], stride: int = 1):
+        """Mesh coordinates of every ``stride``-th full-resolution row and column (sep's
+        convention: ``y / box - 0.5`` and ``(x + 0.5) / box - 0.5`` on the sampled grid)."""
+        return _mesh_coordinates(shape, self.step, self.box, stride)
+
+    def maps(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Full-resolution (level, rms) float32 maps of an image of ``shape``."""
+        from astrid.diff import sky_mesh
+
+        rows, cols = self.coordinates(shape)
+        return (sky_mesh.evaluate(self.level, self.level_d2, rows, cols),
+                sky_mesh.evaluate(self.sigma, self.sigma_d2, rows, cols))
+
+    def subtract(self, data: np.ndarray, mask: np.ndarray | None, parallel: bool = False):
+        """``(data - level, rms)`` at full resolution in one pass, NaN at bad pixels
+        (``parallel``: on all of numba's threads, see :func:`measure_background`)."""
+        from astrid.diff import sky_mesh
+
+        data = np.asarray(data, np.float32)
+        rows, cols = self.coordinates(data.shape)
+        out, rms = np.empty(data.shape, np.float32), np.empty(data.shape, np.float32)
+        sky_mesh.subtract(data, _mask_or_empty(mask), self.level, self.level_d2, self.sigma,
+                          self.sigma_d2, rows, cols, out, rms, parallel=parallel)
+        return out, rms
+
+
+def _mesh_coordinates(shape, step: int, box: int, stride: int = 1):
+    rows = np.arange(0, shape[0], stride) / step / box - 0.5
+    cols = (np.arange(0, shape[1], stride) / step + 0.5) / box - 0.5
+    return rows, cols
+
+
+def _mask_or_empty(mask: np.ndarray | None) -> np.ndarray:
+    return np.zeros((0, 0), bool) if mask is None else np.asarray(mask, bool)
+
+
 def estimate_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_px: int = 64,
                         filter_px: int = 3, source_thresh_sigma: float = 2.5,
                         dilate_px: int = 3, subsample: int | None = None) -> Background:
@@ -100,23 +161,61 @@ def estimate_background(data: np.ndarray, mask: np.ndarray | None = None, *, box
     -------
     Background with ``level`` and ``rms`` (H, W) float32 in ADU and the global ``sigma_adu``.
     """
-    data = np.asarray(data)
+    mesh = measure_background(data, mask, box_px=box_px, filter_px=filter_px,
+                              source_thresh_sigma=source_thresh_sigma, dilate_px=dilate_px,
+                              subsample=subsample)
+    level, rms = mesh.maps(np.shape(data))
+    return Background(level=level, rms=rms, sigma_adu=mesh.sigma_adu, sources=mesh.sources,
+                      step=mesh.step)
+
+
+def measure_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_px: int = 64,
+                       filter_px: int = 3, source_thresh_sigma: float = 2.5,
+                       dilate_px: int = 3, subsample: int | None = None,
+                       parallel: bool = False) -> BackgroundMesh:
+    """The estimate of :func:`estimate_background` (same parameters) on its mesh.
+
+    Two passes of sep's (SExtractor's) mesh estimator, compiled in :mod:`astrid.diff.sky_mesh`:
+    the first finds where the sources are (pixels of the smoothed, background-subtracted
+    image above a threshold, dilated to cover the PSF wings), the second, with those pixels
+    masked, gives a level and an RMS that bright stars and galaxies do not bias upwards.
+    Everything runs on every ``subsample``-th pixel of ``data`` without copying it, and
+    without the GIL, so two images can be measured at once in two threads; or, with
+    ``parallel``, one image on all of numba's threads (then from one Python thread only:
+    numba's fallback threading layer aborts on concurrent parallel launches).
+    """
+    from astrid.diff import sky_mesh
+
+    data = np.asarray(data, np.float32)
     if data.ndim != 2:
         raise AstridError(f"background needs a 2-D image, got shape {data.shape}")
-    bad = bad_pixels(data, mask)
-    if bad.all():
-        raise AstridError("background: every pixel of the image is masked or not finite")
+    if mask is not None and np.shape(mask) != data.shape:
+        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {data.shape}")
     step = int(subsample) if subsample else (2 if min(data.shape) >= 1024 else 1)
-    small_bad = np.ascontiguousarray(bad[::step, ::step])
-    work = sep_array(np.where(small_bad, 0.0, data[::step, ::step]))
-    box = int(min(max(box_px // step, 8), max(8, min(work.shape) // 2)))
-    first = _sep_background(work, small_bad, box, filter_px)
-    level, rms = first.back(), first.rms()
+    sampled = data[::step, ::step]
+    small_bad = ~np.isfinite(sampled)
+    if mask is not None:
+        small_bad |= np.asarray(mask, bool)[::step, ::step]
+    if small_bad.all():
+        raise AstridError("background: every pixel of the image is masked or not finite")
+    box = int(min(max(box_px // step, 8), max(8, min(sampled.shape) // 2)))
+    mask_arg = _mask_or_empty(mask)
+    rows, cols = _mesh_coordinates(data.shape, step, box, stride=step)
 
+    def mesh_pass(skip):
+        level, sigma = sky_mesh.mesh_statistics(data, mask_arg, skip, step, box, parallel)
+        level, sigma = sky_mesh.fill_and_filter(level, sigma, filter_px // 2)
+        level, sigma = level.astype(np.float64), sigma.astype(np.float64)
+        return level, sigma, sky_mesh.spline_d2(level), sky_mesh.spline_d2(sigma)
+
+    level, sigma, level_d2, sigma_d2 = mesh_pass(np.zeros((0, 0), bool))
+    residual = sampled - sky_mesh.evaluate(level, level_d2, rows, cols)
+    residual[small_bad] = 0
     # Smoothing by a 3x3 box divides white noise by 3, so one-pixel noise spikes rarely pass
     # the threshold while the cores and wings of real sources do.
-    smooth = _box3(work - level)
-    sources = (smooth > source_thresh_sigma * rms / 3.0) & ~small_bad
+    sources = _box3(residual) > (source_thresh_sigma / 3.0) * sky_mesh.evaluate(
+        sigma, sigma_d2, rows, cols)
+    sources &= ~small_bad
     sources = _open_2x2(sources)
     grow = int(np.ceil(dilate_px / step))
     if grow > 0:
@@ -124,26 +223,28 @@ def estimate_background(data: np.ndarray, mask: np.ndarray | None = None, *, box
 
         sources = dilate(sources, grow)
     masked = small_bad | sources
-    # Keep enough sky in every mesh cell for sep; in crowded cells fall back on the first pass.
+    # Keep enough sky in every mesh cell; in crowded fields fall back on the first pass.
     crowded = masked.mean() >= 0.9
     if not crowded:
-        second = _sep_background(work, masked, box, filter_px)
-        level, rms = second.back(), second.rms()
-    sigma_adu = _robust_sigma((work - level)[~(small_bad if crowded else masked)])
+        level, sigma, level_d2, sigma_d2 = mesh_pass(sources)
+    else:
+        masked = small_bad
+
+    # sep's 3-sigma clipping underestimates Gaussian noise by about 2%; the MAD of the
+    # source-masked sky does not, so it sets the scale and the mesh the spatial variation.
+    # Both maps are smooth: every other sampled pixel gives their medians.
+    level_s = sky_mesh.evaluate(level, level_d2, rows[::2], cols[::2])
+    sky = ~masked[::2, ::2]
+    sigma_adu = _robust_sigma((sampled[::2, ::2] - level_s)[sky])
     if not np.isfinite(sigma_adu) or sigma_adu <= 0:
         raise AstridError("background: the image has no measurable noise (constant or empty?)")
-    # sep's 3-sigma clipping underestimates Gaussian noise by about 2%; the MAD of the
-    # source-masked sky does not, so it sets the scale and sep the spatial variation.
-    # The RMS map is smooth (interpolated between mesh cells): every 4th pixel gives its median.
-    median_rms = float(np.median(rms[::4, ::4][~small_bad[::4, ::4]]))
+    median_rms = float(np.median(sky_mesh.evaluate(sigma, sigma_d2, rows[::2], cols[::2])[sky]))
     if median_rms > 0:
-        rms = rms * np.float32(sigma_adu / median_rms)
-    if step > 1:
-        level = _upsample(level, step, data.shape)
-        rms = _upsample(rms, step, data.shape)
-    return Background(level=level.astype(np.float32, copy=False),
-                      rms=rms.astype(np.float32, copy=False), sigma_adu=sigma_adu,
-                      sources=sources, step=step)
+        scale = sigma_adu / median_rms
+        sigma, sigma_d2 = sigma * scale, sigma_d2 * scale
+    return BackgroundMesh(level=level, sigma=sigma, level_d2=level_d2, sigma_d2=sigma_d2,
+                          box=box, step=step, sigma_adu=sigma_adu,
+                          level_median=float(np.median(level_s)), sources=sources)
 
 
 def _box3(image: np.ndarray) -> np.ndarray:
@@ -167,77 +268,12 @@ def _open_2x2(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _upsample(small: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
-    """Linear interpolation of a smooth map sampled at every ``step``-th pixel to ``shape``;
-    beyond the last sample the map is extrapolated linearly.
-
-    One pass of a compiled loop that writes each output pixel once (2.5x faster than numpy
-    slice arithmetic at 2048^2, with the same float32 operations in the same order). Serial on
-    purpose: the two images' backgrounds already run side by side in two threads.
-    """
-    out = np.empty(shape, np.float32)
-    _upsample_kernel()(np.ascontiguousarray(small, np.float32), int(step), out)
-    return out
-
-
-_UPSAMPLE_KERNEL = None
-
-
-def _upsample_kernel():
-    """The compiled upsampling loop (numba, compiled once and cached on disk)."""
-    global _UPSAMPLE_KERNEL
-    if _UPSAMPLE_KERNEL is None:
-        import numba
-
-        @numba.njit(cache=True, nogil=True)
-        def kernel(small, step, out):  # pragma: no cover
-            sh, sw = small.shape
-            h, w = out.shape
-            phase = np.empty(step, np.float32)
-            for p in range(step):
-                phase[p] = np.float32(p / step)
-            row = np.empty(sw, np.float32)
-            for r in range(h):
-                # this output row between two sample rows, then along it
-                i = r // step
-                t = phase[r - i * step]
-                for j in range(sw):
-                    a = small[i, j]
-                    if i + 1 < sh:
-                        nxt = small[i + 1, j]
-                    elif sh > 1:
-                        nxt = np.float32(2) * a - small[i - 1, j]
-                    else:
-                        nxt = a
-                    row[j] = (nxt - a) * t + a
-                for j in range(sw):
-                    a = row[j]
-                    if j + 1 < sw:
-                        nxt = row[j + 1]
-                    elif sw > 1:
-                        nxt = np.float32(2) * a - row[j - 1]
-                    else:
-                        nxt = a
-                    slope = nxt - a
-                    c0 = j * step
-                    for p in range(min(step, w - c0)):
-                        out[r, c0 + p] = slope * phase[p] + a
-
-        _UPSAMPLE_KERNEL = kernel
-    return _UPSAMPLE_KERNEL
-
-
 def _robust_sigma(values: np.ndarray, max_samples: int = 300_000) -> float:
     """1.4826 * MAD of ``values`` (a regular subsample of at most ``max_samples``)."""
     if values.size == 0:
         return float("nan")
     values = values[:: max(1, values.size // max_samples)]
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
-
-
-def _sep_background(work: np.ndarray, masked: np.ndarray, box_px: int, filter_px: int):
-    return sep.Background(work, mask=sep_array(masked, np.uint8), bw=box_px, bh=box_px,
-                          fw=filter_px, fh=filter_px)
 
 
 def variance_map(data_bkgsub: np.ndarray, rms: np.ndarray, gain: float | None = None) -> np.ndarray:

@@ -227,7 +227,9 @@ class _Timer:
         self._t = now
 
 
-_SIDE_BY_SIDE_MAX_PIXELS = 3072 ** 2  # larger images are prepared one after the other
+# Larger images are prepared one after the other, each background on all cores: both images'
+# temporaries at once would lift the peak memory (over 1 GB at 4096^2).
+_SIDE_BY_SIDE_MAX_PIXELS = 3072 ** 2
 
 
 def prepare_pair(reference, science, settings: DiffSettings | None = None) -> PreparedPair:
@@ -254,20 +256,20 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     edge_px = settings.psf_size_px // 2 + 1
 
+    side_by_side = max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS
+
     def background_and_stars(img: Image, name: str):
         with _blame(name):
-            data, rms, sigma, saturation = _subtract_background(img)
+            data, rms, sigma, saturation = _subtract_background(img, parallel=not side_by_side)
             stars = find_stars(data, rms, img.mask, saturation=saturation, edge_px=edge_px)
         return data, rms, sigma, saturation, stars
 
-    # The two images side by side: numpy releases the GIL, so one image's array work overlaps
-    # the other's sep calls (sep holds the GIL). Not for large frames, where both images'
-    # temporaries at once would lift the peak memory (over 1 GB at 4096^2).
+    # The two images side by side: the background runs without the GIL, so the two overlap
+    # fully, and one image's star finding (sep holds the GIL) overlaps the other's background.
     (sci, rms_sci, sigma_sci, sat_sci, sci_stars), \
         (ref_native, rms_ref, sigma_ref, sat_ref, ref_stars_native) = _side_by_side(
             partial(background_and_stars, sci_img, sci_name),
-            partial(background_and_stars, ref_img, ref_name),
-            parallel=max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS)
+            partial(background_and_stars, ref_img, ref_name), parallel=side_by_side)
     timer.lap("background+stars")
     if len(sci_stars) == 0:
         raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
@@ -436,25 +438,17 @@ def _stars_on_science_grid(stars: pd.DataFrame, alignment, ref_wcs, sci_wcs,
     return out.reset_index(drop=True)
 
 
-def _subtract_background(img: Image):
+def _subtract_background(img: Image, parallel: bool = False):
     """Background-subtracted data (NaN at bad pixels), RMS map, global sigma and saturation
-    level above the background. Only the RMS map is kept: the level map (and source mask)
-    goes as soon as it has been subtracted, lowering the later stages' peak memory by
-    160 MB at 4096^2."""
-    from astrid.diff.background import estimate_background
+    level above the background, the subtraction done as the level is evaluated (no
+    full-size level map is ever made); ``parallel`` as for ``measure_background``."""
+    from astrid.diff.background import measure_background
 
-    bkg = estimate_background(img.data, img.mask)
-    saturation = _saturation_above_bkg(img, bkg)
-    # Into the level map's own buffer: one full-size map less at the peak (64 MB at 4096^2).
-    data = np.subtract(img.data, bkg.level, out=bkg.level, dtype=np.float32)
-    data[img.mask] = np.nan
-    return data, bkg.rms, float(bkg.sigma_adu), saturation
-
-
-def _saturation_above_bkg(image: Image, bkg) -> float | None:
-    if image.meta.saturation is None:
-        return None
-    return float(image.meta.saturation - np.median(bkg.level[::8, ::8]))
+    mesh = measure_background(img.data, img.mask, parallel=parallel)
+    data, rms = mesh.subtract(img.data, img.mask, parallel=parallel)
+    saturation = None if img.meta.saturation is None \
+        else float(img.meta.saturation - mesh.level_median)
+    return data, rms, float(mesh.sigma_adu), saturation
 
 
 class _blame:
