@@ -4,7 +4,8 @@ Detection works on the thresholded pixels only (a few thousand in a 4k frame), n
 image filter: local maxima are found by comparing each pixel above threshold with its eight
 neighbours, peaks closer than ``deblend_min_sep_px`` keep the brighter one, and two peaks of one
 connected region are kept apart only if S_corr dips between them (a saddle), so that noise
-ripples on a bright residual do not split it.
+ripples on a bright residual do not split it. The loops are compiled in
+:mod:`astrid.detect.peak_kernels`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from astrid.config import DetectSettings
@@ -33,7 +32,6 @@ CANDIDATE_COLUMNS = ("x", "y", "ra", "dec", "snr", "sign", "flux", "flux_err", "
                      "elongation", "sharpness", "neg_fraction", "ref_source_dist_px",
                      "flag_edge", "flag_saturated", "flag_masked")
 
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 _SADDLE_DIP_SIGMA = 1.0  # a secondary peak must stand this far above the saddle ...
 _SADDLE_DIP_FRACTION = 0.1  # ... and this fraction of its own height, to count as separate
 _NEG_PIXEL_SIGMA = 1.5  # |D| above this counts a pixel as positive/negative for neg_fraction
@@ -53,95 +51,27 @@ def find_peaks(scorr: np.ndarray, threshold_sigma: float = 5.0,
     -------
     iy, ix : (K,) int arrays of peak rows and columns, by decreasing |S_corr|.
     """
-    h, w = scorr.shape
-    with np.errstate(invalid="ignore"):
-        # Two boolean passes instead of a float |S_corr| temporary the size of the image.
-        above = scorr >= threshold_sigma
-        above |= scorr <= -threshold_sigma
-    flat = np.flatnonzero(above)
+    from astrid.detect import peak_kernels
+
+    scorr = np.asarray(scorr)
+    flat = peak_kernels.above_threshold(scorr, scorr.dtype.type(threshold_sigma))
     if flat.size == 0:
         return np.zeros(0, int), np.zeros(0, int)
-    iy, ix = np.divmod(flat, w)
-    value = scorr.ravel()[flat]
-    sign = np.sign(value)
-    signed = value * sign
-
-    # Local maxima of sign * S_corr among the 8 neighbours (out-of-image counts as lower).
-    is_max = np.ones(flat.size, bool)
-    for dy, dx in _NEIGHBOURS:
-        ny, nx = iy + dy, ix + dx
-        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-        nb = np.full(flat.size, -np.inf)
-        nb[inside] = scorr[ny[inside], nx[inside]] * sign[inside]
-        # Ties (flat tops) go to the first pixel in raster order.
-        later = (dy, dx) > (0, 0)
-        is_max &= ~((nb > signed) | ((nb == signed) & (not later)))
+    # Local maxima of sign * S_corr among the 8 neighbours (ties go to the first pixel in
+    # raster order), and the 8-connected same-sign region of each thresholded pixel.
+    is_max, region = peak_kernels.maxima_and_regions(scorr, flat)
     peaks = np.flatnonzero(is_max)
-    peaks = peaks[np.argsort(-signed[peaks], kind="stable")]
-
-    region = _regions(flat, iy, ix, sign, w)
-    keep = _deblend(scorr, iy[peaks], ix[peaks], signed[peaks], sign[peaks], region[peaks],
-                    min_sep_px)
-    peaks = peaks[keep]
-    return iy[peaks], ix[peaks]
-
-
-def _regions(flat, iy, ix, sign, width) -> np.ndarray:
-    """Connected-region label (8-connectivity, same sign) of every thresholded pixel."""
-    n = flat.size
-    rows, cols = [], []
-    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):
-        target = flat + dy * width + dx
-        pos = np.searchsorted(flat, target)
-        pos = np.minimum(pos, n - 1)
-        hit = (flat[pos] == target) & (np.abs((ix + dx) - ix[pos]) == 0) & (sign[pos] == sign)
-        hit &= (iy + dy) == iy[pos]
-        rows.append(np.flatnonzero(hit))
-        cols.append(pos[hit])
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-def _deblend(scorr, py, px, height, sign, region, min_sep_px) -> np.ndarray:
-    """Keep peaks that are far enough from brighter ones and separated from them by a saddle."""
-    n = py.size
-    keep = np.ones(n, bool)
-    if n < 2:
-        return keep
-    xy = np.column_stack([px, py]).astype(float)
-    tree = cKDTree(xy)
-    reach = max(min_sep_px, 1.0)
-    # One batched neighbour query for all peaks (a query per peak dominated the run time).
-    near_all = tree.query_ball_point(xy, r=max(reach, 4 * min_sep_px + 8), return_sorted=True)
-    for j in range(1, n):  # peaks are sorted by decreasing height
-        for i in near_all[j]:
-            if i >= j:
-                break  # sorted: no brighter neighbour left
-            if not keep[i]:
-                continue
-            dist = np.hypot(*(xy[i] - xy[j]))
-            if dist < min_sep_px:
-                keep[j] = False
-                break
-            if region[i] == region[j]:
-                steps = int(np.ceil(dist)) + 1
-                ty = np.rint(_linspace(py[j], py[i], steps)).astype(int)
-                tx = np.rint(_linspace(px[j], px[i], steps)).astype(int)
-                saddle = float(np.nanmin(scorr[ty, tx] * sign[j]))
-                dip = height[j] - saddle
-                if dip < max(_SADDLE_DIP_SIGMA, _SADDLE_DIP_FRACTION * height[j]):
-                    keep[j] = False
-                    break
-    return keep
-
-
-def _linspace(start, stop, num: int) -> np.ndarray:
-    """``np.linspace(start, stop, num)`` (num >= 2) for scalars, without its per-call overhead."""
-    start, stop = float(start), float(stop)
-    y = np.arange(num, dtype=float) * ((stop - start) / (num - 1)) + start
-    y[-1] = stop
-    return y
+    iy, ix = np.divmod(flat[peaks], scorr.shape[1])
+    value = scorr[iy, ix]
+    sign = np.sign(value)
+    height = value * sign
+    order = np.argsort(-height, kind="stable")
+    iy, ix, height, sign = iy[order], ix[order], height[order], sign[order]
+    reach = max(min_sep_px, 1.0, 4 * min_sep_px + 8)
+    keep = peak_kernels.deblend(scorr, iy, ix, height, sign, region[peaks][order],
+                                float(min_sep_px), float(reach), _SADDLE_DIP_SIGMA,
+                                _SADDLE_DIP_FRACTION)
+    return iy[keep], ix[keep]
 
 
 def find_candidates(result: DiffResult, settings: DetectSettings | None = None) -> pd.DataFrame:

@@ -11,6 +11,7 @@ not enter ZOGY's kernels or the normalisation.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -115,10 +116,14 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
     edges_x = _tile_edges(width, tile_px)
     ny, nx = len(edges_y) - 1, len(edges_x) - 1
 
+    neighbours = _Neighbours.of(stars)
     if len(good) >= min_stars:
         good = good.nlargest(max_stars * max(1, ny * nx), "flux")
-        global_stamp, global_fwhm = _stack(image, rms_map, good, size_px, others=stars)
         method, n_global = "empirical", len(good)
+
+        @functools.cache
+        def global_psf():  # only stacked if some tile lacks stars (a quarter of the time)
+            return _stack(image, rms_map, good, size_px, others=neighbours)
     else:
         # Relax the selection to find anything star-like to fit a profile to.
         loose = _clip_fwhm(candidates[candidates["snr"] >= 5.0])
@@ -131,29 +136,32 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
         loose = loose.nlargest(max_stars, "flux")
         warnings.warn(f"only {len(good)} good PSF stars (need {min_stars}); using a Moffat fit "
                       f"to {len(loose)} star(s)", stacklevel=2)
-        stack, _ = _stack(image, rms_map, loose, size_px, taper=False, others=stars)
+        stack, _ = _stack(image, rms_map, loose, size_px, taper=False, others=neighbours)
         params = _fit_moffat(stack)
-        global_stamp = _normalise(_moffat_image(size_px, 1.0, 0.0, 0.0, params[3], params[4]))
-        global_fwhm = _moffat_fwhm(params[3], params[4])
+        moffat = (_normalise(_moffat_image(size_px, 1.0, 0.0, 0.0, params[3], params[4])),
+                  _moffat_fwhm(params[3], params[4]))
         method, n_global = "moffat", len(loose)
+
+        def global_psf():
+            return moffat
 
     stamps = np.empty((ny, nx, size_px, size_px), np.float32)
     fwhm_tiles = np.empty((ny, nx))
     n_tiles = np.zeros((ny, nx), int)
     for iy in range(ny):
         for ix in range(nx):
-            stamps[iy, ix], fwhm_tiles[iy, ix] = global_stamp, global_fwhm
-            if method != "empirical" or ny * nx == 1:
-                n_tiles[iy, ix] = n_global
-                continue
             inside = good[(good["y"] >= edges_y[iy] - 0.5) & (good["y"] < edges_y[iy + 1] - 0.5)
                           & (good["x"] >= edges_x[ix] - 0.5) & (good["x"] < edges_x[ix + 1] - 0.5)]
+            tiled = method == "empirical" and ny * nx > 1
             # A tile's own stack must beat the global one: ask for twice the minimum.
-            if len(inside) >= 2 * min_stars:
+            if tiled and len(inside) >= 2 * min_stars:
                 stamps[iy, ix], fwhm_tiles[iy, ix] = _stack(image, rms_map,
                                                             inside.nlargest(max_stars, "flux"),
-                                                            size_px, others=stars)
+                                                            size_px, others=neighbours)
                 n_tiles[iy, ix] = len(inside)
+            else:  # a tile without enough stars of its own counts none
+                stamps[iy, ix], fwhm_tiles[iy, ix] = global_psf()
+                n_tiles[iy, ix] = 0 if tiled else n_global
     return PSFModel(stamps=stamps, tile_edges_y=edges_y, tile_edges_x=edges_x,
                     fwhm_px=float(np.median(fwhm_tiles)), fwhm_tiles=fwhm_tiles,
                     n_stars=n_global, method=method, n_stars_tiles=n_tiles)
@@ -287,9 +295,24 @@ def _cutouts(image: _Image, ix: np.ndarray, iy: np.ndarray, half: int) -> np.nda
     return cut
 
 
+@dataclass(frozen=True)
+class _Neighbours:
+    """Every detection of an image (positions, fluxes and a search tree), built once for all
+    the stacks that mask them."""
+
+    xy: np.ndarray
+    flux: np.ndarray
+    tree: cKDTree
+
+    @classmethod
+    def of(cls, stars: pd.DataFrame) -> _Neighbours:
+        xy = stars[["x", "y"]].to_numpy(float)
+        return cls(xy=xy, flux=stars["flux"].to_numpy(float), tree=cKDTree(xy))
+
+
 def _stack(image: _Image, rms_map: np.ndarray, stars: pd.DataFrame,
            size_px: int, taper: bool = True,
-           others: pd.DataFrame | None = None) -> tuple[np.ndarray, float]:
+           others: _Neighbours | None = None) -> tuple[np.ndarray, float]:
     """Normalised, sub-pixel-centred stack of the stars; returns (stamp, FWHM px).
 
     Stars are combined with inverse-variance weights (bright stars define the shape) after
@@ -312,7 +335,7 @@ def _stack(image: _Image, rms_map: np.ndarray, stars: pd.DataFrame,
         cut, x, y, ix, iy, noise = cut[ok], x[ok], y[ok], ix[ok], iy[ok], noise[ok]
     holes = ~np.isfinite(cut)
     fwhm0 = float(np.median(stars["fwhm_px"])) if "fwhm_px" in stars else 3.0
-    if others is not None and len(others) > 1:
+    if others is not None and len(others.xy) > 1:
         _mask_neighbours(holes, x, y, ix, iy, stars["flux"].to_numpy()[ok] if ok.sum() else
                          stars["flux"].to_numpy(), others, fwhm0)
     cut = fourier_shift(np.nan_to_num(cut), ix - x, iy - y)
@@ -345,7 +368,7 @@ def _stack(image: _Image, rms_map: np.ndarray, stars: pd.DataFrame,
 
 
 def _mask_neighbours(holes: np.ndarray, x: np.ndarray, y: np.ndarray, ix: np.ndarray,
-                     iy: np.ndarray, flux: np.ndarray, others: pd.DataFrame,
+                     iy: np.ndarray, flux: np.ndarray, others: _Neighbours,
                      fwhm_px: float) -> None:
     """Mark in ``holes`` (N, S, S) the pixels near other detections.
 
@@ -354,9 +377,8 @@ def _mask_neighbours(holes: np.ndarray, x: np.ndarray, y: np.ndarray, ix: np.nda
     law: a bright neighbour's wings would otherwise add a pedestal to the stacked PSF.
     """
     half = holes.shape[-1] // 2
-    xy_all = others[["x", "y"]].to_numpy()
-    flux_all = others["flux"].to_numpy()
-    near = cKDTree(xy_all).query_ball_point(np.column_stack([x, y]),
+    xy_all, flux_all = others.xy, others.flux
+    near = others.tree.query_ball_point(np.column_stack([x, y]),
                                             half * np.sqrt(2) + 7.0 * fwhm_px)
     # All (star, neighbour) pairs at once, grouped by star, OR-reduced per star.
     k = np.repeat(np.arange(len(near)), [len(n) for n in near])
