@@ -67,10 +67,9 @@ def find_peaks(scorr: np.ndarray, threshold_sigma: float = 5.0,
     height = value * sign
     order = np.argsort(-height, kind="stable")
     iy, ix, height, sign = iy[order], ix[order], height[order], sign[order]
-    reach = max(min_sep_px, 1.0, 4 * min_sep_px + 8)
     keep = peak_kernels.deblend(scorr, iy, ix, height, sign, region[peaks][order],
-                                float(min_sep_px), float(reach), _SADDLE_DIP_SIGMA,
-                                _SADDLE_DIP_FRACTION)
+                                float(min_sep_px), float(max(min_sep_px, 1.0, 4 * min_sep_px + 8)),
+                                _SADDLE_DIP_SIGMA, _SADDLE_DIP_FRACTION)
     return iy[keep], ix[keep]
 
 
