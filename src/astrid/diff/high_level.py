@@ -112,9 +112,18 @@ def parse_input_image(obj, *, name: str = "image") -> Image:
     if min(h, w) < MIN_SIZE_PX:
         raise InputFileError(label, f"image is {w}x{h} px; differencing needs at least "
                                     f"{MIN_SIZE_PX} px on each side")
-    if not np.any(np.isfinite(image.data) & ~image.mask):
+    if not _has_valid_pixel(image):
         raise InputFileError(label, "no valid pixels (all NaN or masked)")
     return _with_inferred_saturation(image)
+
+
+def _has_valid_pixel(image: Image) -> bool:
+    """Any finite, unmasked pixel; a sparse sample settles it for any usable image, so the
+    whole frame (two full-size temporaries) is only scanned when that finds none."""
+    sample = np.s_[::7, ::7]
+    if np.any(np.isfinite(image.data[sample]) & ~image.mask[sample]):
+        return True
+    return bool(np.any(np.isfinite(image.data) & ~image.mask))
 
 
 _SATURATED_MIN_PIXELS = 5  # pixels sharing the maximum value that reveal a clipped image
@@ -258,18 +267,34 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     side_by_side = max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS
 
-    def background_and_stars(img: Image, name: str):
+    def background(img: Image, name: str):
         with _blame(name):
-            data, rms, sigma, saturation = _subtract_background(img, parallel=not side_by_side)
-            stars = find_stars(data, rms, img.mask, saturation=saturation, edge_px=edge_px)
-        return data, rms, sigma, saturation, stars
+            return _subtract_background(img, parallel=not side_by_side)
 
-    # The two images side by side: the background runs without the GIL, so the two overlap
-    # fully, and one image's star finding (sep holds the GIL) overlaps the other's background.
-    (sci, rms_sci, sigma_sci, sat_sci, sci_stars), \
-        (ref_native, rms_ref, sigma_ref, sat_ref, ref_stars_native) = _side_by_side(
+    def stars_of(img: Image, name: str, subtracted):
+        with _blame(name):
+            data, rms, _, saturation = subtracted
+            return find_stars(data, rms, img.mask, saturation=saturation, edge_px=edge_px)
+
+    def background_and_stars(img: Image, name: str):
+        subtracted = background(img, name)
+        return subtracted, stars_of(img, name, subtracted)
+
+    if side_by_side:
+        # The two images side by side: the backgrounds run without the GIL, so they overlap
+        # fully, and one image's star finding (sep holds the GIL) the other's background.
+        (sci_bkg, sci_stars), (ref_bkg, ref_stars_native) = _side_by_side(
             partial(background_and_stars, sci_img, sci_name),
-            partial(background_and_stars, ref_img, ref_name), parallel=side_by_side)
+            partial(background_and_stars, ref_img, ref_name))
+    else:
+        # One background at a time on all cores; the science image's star finding overlaps
+        # the reference's background, with a quarter of the extra memory of side by side.
+        sci_bkg = background(sci_img, sci_name)
+        sci_stars, ref_bkg = _side_by_side(partial(stars_of, sci_img, sci_name, sci_bkg),
+                                           partial(background, ref_img, ref_name))
+        ref_stars_native = stars_of(ref_img, ref_name, ref_bkg)
+    (sci, rms_sci, sigma_sci, sat_sci), (ref_native, rms_ref, sigma_ref, _) = sci_bkg, ref_bkg
+    del sci_bkg, ref_bkg
     timer.lap("background+stars")
     if len(sci_stars) == 0:
         raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
@@ -286,12 +311,12 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     del ref_native, rms_ref  # bounded memory: only the science-grid reference is kept
     timer.lap("align")
 
-    mask = np.zeros(sci.shape, np.uint8)
-    mask[sci_img.mask] |= MASK_SCI_BAD
+    # Whole-array ufuncs (putmask, where=) rather than boolean indexing: a third faster.
+    mask = np.multiply(sci_img.mask, np.uint8(MASK_SCI_BAD), dtype=np.uint8)
     if sci_img.meta.saturation is not None:
         with np.errstate(invalid="ignore"):
             saturated = sci_img.data >= sci_img.meta.saturation
-        mask[saturated] = MASK_SATURATED  # saturated rather than merely bad
+        np.putmask(mask, saturated, np.uint8(MASK_SATURATED))  # saturated, not merely bad
     if ref_img.meta.saturation is not None:
         # Saturated reference pixels arrive as NaN holes; mark them saturated, not just bad.
         with np.errstate(invalid="ignore"):
@@ -305,8 +330,8 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     ref_bad = ~np.isfinite(ref)
     # NaN inside the reference frame is a bad reference pixel; outside it, no overlap.
     inside = np.asarray(alignment.footprint, bool)
-    mask[ref_bad & inside] |= MASK_REF_BAD
-    mask[~inside] |= MASK_NO_OVERLAP
+    np.bitwise_or(mask, np.uint8(MASK_REF_BAD), out=mask, where=ref_bad & inside)
+    np.bitwise_or(mask, np.uint8(MASK_NO_OVERLAP), out=mask, where=~inside)
 
     # The reference stars, detected once on the native grid, carried onto the science grid.
     ref_stars = _stars_on_science_grid(ref_stars_native, alignment, ref_img.wcs, sci_img.wcs,

@@ -94,7 +94,7 @@ def find_stars(data: np.ndarray, rms: np.ndarray | float, mask: np.ndarray | Non
     # No zero-filled copy: every bad pixel is masked for sep, which then ignores its value.
     work = sep_array(data)
     err = _error_map(rms, data.shape)
-    bad_u8 = sep_array(bad, np.uint8)
+    bad_u8 = bad.view(np.uint8)  # sep's mask type, without a copy
     step = 2 if min(data.shape) >= BINNED_DETECTION_MIN_PX else 1
     objects = _detect(work, err, bad, thresh_sigma, minarea, step)
     if len(objects) == 0:
