@@ -147,3 +147,35 @@ def test_parallel_estimate_and_fused_subtraction_match_the_maps():
         bad = mask | ~np.isfinite(image)
         assert np.isnan(data[bad]).all() and np.isfinite(data[~bad]).all()
         np.testing.assert_allclose(data[~bad], (image - level)[~bad], atol=1e-3)
+
+
+def test_median_by_binary_search_equals_seps_walk_from_both_ends():
+    """sep's backguess finds a histogram's median by walking in from both ends, each step on
+    the side with the smaller sum (the high side on ties); ours finds where the walk ends by
+    binary search. Ties, empty bins and every sub-range included."""
+    from astrid.diff.sky_mesh import _prefix_sums, _walk_median
+
+    def walk(h, lo_cut, hi_cut):
+        low_sum = high_sum = 0
+        lo, hi = lo_cut, hi_cut
+        for _ in range(lo_cut, hi_cut + 1):
+            if low_sum < high_sum:
+                low_sum += h[lo]
+                lo += 1
+            else:
+                high_sum += h[hi]
+                hi -= 1
+        if hi < 0:
+            return 0.0
+        peak = max(h[lo], h[hi])
+        return hi + 0.5 + (high_sum - low_sum) / (2.0 * peak) if peak else hi + 0.5
+
+    rng = np.random.default_rng(7)
+    for _ in range(3000):
+        n = int(rng.integers(1, 40))
+        h = np.zeros(n + 1, np.int64)
+        h[:n] = rng.integers(0, 4, n) * (rng.random(n) < rng.random())
+        counts = _prefix_sums(h, n)[0]
+        lo_cut = int(rng.integers(0, n))
+        hi_cut = int(rng.integers(lo_cut, n))
+        assert _walk_median(h, counts, lo_cut, hi_cut) == walk(h, lo_cut, hi_cut)

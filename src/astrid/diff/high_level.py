@@ -236,8 +236,8 @@ class _Timer:
         self._t = now
 
 
-# Larger images are prepared one after the other, each background on all cores: both images'
-# temporaries at once would lift the peak memory (over 1 GB at 4096^2).
+# Larger images have one background at a time, on all cores: both images' temporaries at once
+# would lift the peak memory (over 1 GB at 4096^2).
 _SIDE_BY_SIDE_MAX_PIXELS = 3072 ** 2
 
 
@@ -282,13 +282,14 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     if side_by_side:
         # The two images side by side: the backgrounds run without the GIL, so they overlap
-        # fully, and one image's star finding (sep holds the GIL) the other's background.
+        # fully, and one image's star finding (sep holds the GIL) overlaps the other's
+        # background.
         (sci_bkg, sci_stars), (ref_bkg, ref_stars_native) = _side_by_side(
             partial(background_and_stars, sci_img, sci_name),
             partial(background_and_stars, ref_img, ref_name))
     else:
-        # One background at a time on all cores; the science image's star finding overlaps
-        # the reference's background, with a quarter of the extra memory of side by side.
+        # One background at a time, on all cores (numba's threads, launched from one Python
+        # thread at a time); the science image's star finding overlaps the reference's.
         sci_bkg = background(sci_img, sci_name)
         sci_stars, ref_bkg = _side_by_side(partial(stars_of, sci_img, sci_name, sci_bkg),
                                            partial(background, ref_img, ref_name))
