@@ -431,8 +431,7 @@ def _numba_kernel():
         n_rows, n_cols = out.shape
         height, width = ref.shape
         for r in numba.prange(n_rows):
-            # This row's reference positions first, in a loop over whole node rows (which
-            # numba can index without its negative-index checks).
+            # This row's reference positions first, then the 4x4 Keys kernel at each.
             a0, a1, a2, a3 = row_w[r, 0], row_w[r, 1], row_w[r, 2], row_w[r, 3]
             t0, t1, t2, t3 = tx[row_idx[r, 0]], tx[row_idx[r, 1]], tx[row_idx[r, 2]], \
                 tx[row_idx[r, 3]]

@@ -102,16 +102,11 @@ class BackgroundMesh:
     level_median: float
     sources: np.ndarray
 
-    def coordinates(self, shape: tuple[int, int], stride: int = 1):
-        """Mesh coordinates of every ``stride``-th full-resolution row and column (sep's
-        convention: ``y / box - 0.5`` and ``(x + 0.5) / box - 0.5`` on the sampled grid)."""
-        return _mesh_coordinates(shape, self.step, self.box, stride)
-
     def maps(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Full-resolution (level, rms) float32 maps of an image of ``shape``."""
         from astrid.diff import sky_mesh
 
-        rows, cols = self.coordinates(shape)
+        rows, cols = _mesh_coordinates(shape, self.step, self.box)
         return (sky_mesh.evaluate(self.level, self.level_d2, rows, cols),
                 sky_mesh.evaluate(self.sigma, self.sigma_d2, rows, cols))
 
@@ -121,7 +116,7 @@ class BackgroundMesh:
         from astrid.diff import sky_mesh
 
         data = np.asarray(data, np.float32)
-        rows, cols = self.coordinates(data.shape)
+        rows, cols = _mesh_coordinates(data.shape, self.step, self.box)
         out, rms = np.empty(data.shape, np.float32), np.empty(data.shape, np.float32)
         sky_mesh.subtract(data, _mask_or_empty(mask), self.level, self.level_d2, self.sigma,
                           self.sigma_d2, rows, cols, out, rms, parallel=parallel)
@@ -129,6 +124,8 @@ class BackgroundMesh:
 
 
 def _mesh_coordinates(shape, step: int, box: int, stride: int = 1):
+    """Mesh coordinates of every ``stride``-th full-resolution row and column, in sep's
+    convention: ``y / box - 0.5`` and ``(x + 0.5) / box - 0.5`` on the sampled grid."""
     rows = np.arange(0, shape[0], stride) / step / box - 0.5
     cols = (np.arange(0, shape[1], stride) / step + 0.5) / box - 0.5
     return rows, cols

@@ -11,7 +11,6 @@ not enter ZOGY's kernels or the normalisation.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
@@ -120,10 +119,7 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
     if len(good) >= min_stars:
         good = good.nlargest(max_stars * max(1, ny * nx), "flux")
         method, n_global = "empirical", len(good)
-
-        @functools.cache
-        def global_psf():  # only stacked if some tile lacks stars (a quarter of the time)
-            return _stack(image, rms_map, good, size_px, others=neighbours)
+        global_psf = None  # stacked below only if some tile lacks stars of its own
     else:
         # Relax the selection to find anything star-like to fit a profile to.
         loose = _clip_fwhm(candidates[candidates["snr"] >= 5.0])
@@ -138,12 +134,9 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
                       f"to {len(loose)} star(s)", stacklevel=2)
         stack, _ = _stack(image, rms_map, loose, size_px, taper=False, others=neighbours)
         params = _fit_moffat(stack)
-        moffat = (_normalise(_moffat_image(size_px, 1.0, 0.0, 0.0, params[3], params[4])),
-                  _moffat_fwhm(params[3], params[4]))
+        global_psf = (_normalise(_moffat_image(size_px, 1.0, 0.0, 0.0, params[3], params[4])),
+                      _moffat_fwhm(params[3], params[4]))
         method, n_global = "moffat", len(loose)
-
-        def global_psf():
-            return moffat
 
     stamps = np.empty((ny, nx, size_px, size_px), np.float32)
     fwhm_tiles = np.empty((ny, nx))
@@ -160,7 +153,9 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
                                                             size_px, others=neighbours)
                 n_tiles[iy, ix] = len(inside)
             else:  # a tile without enough stars of its own counts none
-                stamps[iy, ix], fwhm_tiles[iy, ix] = global_psf()
+                if global_psf is None:
+                    global_psf = _stack(image, rms_map, good, size_px, others=neighbours)
+                stamps[iy, ix], fwhm_tiles[iy, ix] = global_psf
                 n_tiles[iy, ix] = 0 if tiled else n_global
     return PSFModel(stamps=stamps, tile_edges_y=edges_y, tile_edges_x=edges_x,
                     fwhm_px=float(np.median(fwhm_tiles)), fwhm_tiles=fwhm_tiles,
