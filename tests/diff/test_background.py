@@ -179,3 +179,30 @@ def test_median_by_binary_search_equals_seps_walk_from_both_ends():
         lo_cut = int(rng.integers(0, n))
         hi_cut = int(rng.integers(lo_cut, n))
         assert _walk_median(h, counts, lo_cut, hi_cut) == walk(h, lo_cut, hi_cut)
+
+
+@pytest.mark.parametrize("rms, gain", [("map", 2.0), ("map", None), (7.5, 3.0)])
+def test_lazy_variance_tile_equals_the_variance_map(rms, gain):
+    # Tiles take a compiled pass, star positions the NumPy one: both must give
+    # variance_map with 0 at masked and non-finite pixels.
+    from astrid.diff.background import LazyVariance
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(0, 10, (300, 260)).astype(np.float32)
+    data[20:25, 30] = 5e4  # a star's core: the source term
+    data[50, 60] = np.nan
+    data[51, 61] = np.inf
+    rms_map = (rng.random(data.shape) * 3 + 8).astype(np.float16)
+    rms_value = rms_map if rms == "map" else rms
+    mask = (rng.random(data.shape) < 0.02).astype(np.uint8) * 2
+    lazy = LazyVariance(data, rms_value, gain, mask, 2 | 4)
+    tile = np.s_[10:200, 25:250]
+    expected = variance_map(data[tile], rms_map[tile].astype(np.float32) if rms == "map"
+                            else rms, gain)
+    expected[(mask[tile] != 0) | ~np.isfinite(expected) | ~np.isfinite(data[tile])] = 0
+    got = lazy[tile]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[50 - 10, 60 - 25] == 0 and got[51 - 10, 61 - 25] == 0
+    iy, ix = np.array([22, 50, 120]), np.array([30, 60, 200])
+    np.testing.assert_allclose(lazy[iy, ix], expected[iy - 10, ix - 25], rtol=1e-6)

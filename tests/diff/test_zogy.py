@@ -232,3 +232,39 @@ def test_dilate_equals_a_box_maximum_filter_also_in_bands(radius):
     flags[_DILATE_BAND_PX - 1, 40] = flags[_DILATE_BAND_PX, 90] = True  # at a band seam
     expected = ndimage.maximum_filter(flags, 2 * radius + 1, mode="constant")
     assert np.array_equal(dilate(flags, radius), expected)
+
+
+def test_compiled_passes_equal_the_numpy_formulas():
+    # zogy_fused does in one pass each what these NumPy expressions do (ZOGY.md).
+    from astrid.diff.zogy_fused import finish_variance, score_spectra
+
+    rng = np.random.default_rng(7)
+    shape = (40, 21)
+
+    def spectrum():
+        return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+
+    pr, pn, n_hat, r_hat = spectrum(), spectrum(), spectrum(), spectrum()
+    pr[3, 4] = pn[3, 4] = 0  # den = 0: the floor
+    s_r, s_n, fn = 2.0, 3.0, 1.7
+    den2 = s_n ** 2 * np.abs(pr) ** 2 + s_r ** 2 * fn ** 2 * np.abs(pn) ** 2
+    den = np.sqrt(np.maximum(den2, 1e-6 * den2.max()))
+    d_sci = pr * n_hat / den
+    d = d_sci - fn * pn * r_hat / den
+    to_score = fn * np.conj(pr * pn) / den
+    got = [a.copy() for a in (pr, pn, n_hat, r_hat)]
+    f32 = np.float32
+    score_spectra(*got, f32(s_n ** 2), f32(s_r ** 2 * fn ** 2), f32(1.0), f32(fn), f32(1e-6))
+    np.testing.assert_allclose(got[3], d, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[0], d * to_score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[2], d_sci * to_score, rtol=1e-4, atol=1e-5)
+
+    var = rng.random((30, 25)).astype(np.float32)
+    var[4, 5] = 0.0
+    score, score_sci = rng.normal(size=(2, 30, 25)).astype(np.float32)
+    expected = np.maximum(var, 0.01)
+    for img in (score_sci, score_sci - score):
+        expected[:, 1:-1] += (0.3 * 0.5 * (img[:, 2:] - img[:, :-2])) ** 2
+        expected[1:-1, :] += (0.2 * 0.5 * (img[2:, :] - img[:-2, :])) ** 2
+    finish_variance(var, score, score_sci, f32(0.01), f32(0.3), f32(0.2))
+    np.testing.assert_allclose(var, expected, rtol=1e-5)

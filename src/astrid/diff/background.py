@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from astrid.errors import AstridError
@@ -324,7 +325,33 @@ class LazyVariance:
 
     def __getitem__(self, idx) -> np.ndarray:
         data = self.data[idx]
-        rms = self.rms[idx] if np.ndim(self.rms) else self.rms
+        if np.ndim(self.rms):
+            rms = np.asarray(self.rms[idx], np.float32)
+        else:
+            rms = np.broadcast_to(np.float32(self.rms), data.shape)  # no copy: stride 0
+        if data.ndim == 2:
+            # A tile: one compiled pass instead of half a dozen whole-tile NumPy passes.
+            var = np.empty(data.shape, np.float32)
+            inv_gain = 1.0 / self.gain if self.gain is not None and self.gain > 0 else 0.0
+            _variance_into(data, rms, np.float32(inv_gain), self.mask[idx],
+                           np.uint8(self.bad_bits), var)
+            return var
         var = variance_map(data, rms, self.gain)
-        var[((self.mask[idx] & self.bad_bits) != 0) | ~np.isfinite(var)] = 0
+        var[((self.mask[idx] & self.bad_bits) != 0) | ~np.isfinite(var) | ~np.isfinite(data)] = 0
         return var
+
+
+@numba.njit(cache=True, nogil=True)
+def _variance_into(data, rms, inv_gain, mask, bad_bits, out):  # pragma: no cover (compiled)
+    """``variance_map`` (rms^2 + max(data, 0) / gain) into ``out``, 0 at bad or non-finite
+    pixels; ``inv_gain`` 0 for no source term."""
+    h, w = data.shape
+    zero = np.float32(0.0)
+    for i in range(h):
+        d, r, m, o = data[i], rms[i], mask[i], out[i]
+        for j in range(w):
+            v = r[j] * r[j]
+            if inv_gain > 0:
+                v += max(d[j], zero) * inv_gain
+            good = (m[j] & bad_bits) == 0 and np.isfinite(v) and np.isfinite(d[j])
+            o[j] = v if good else zero

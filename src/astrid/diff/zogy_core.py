@@ -11,9 +11,10 @@ noise; F_r = 1 and F_n = the measured flux ratio N/R. Per tile we compute
 
 Everything is float32, real FFTs (``scipy.fft.rfft2``) with ``workers``; the image transforms
 R-hat and N-hat are taken once per tile, the kernels k_r, k_n are built in Fourier space on a
-small grid (they are compact) and their squares transformed once. Masked pixels are zeroed in
-both the data and the variance maps before the FFT, which keeps S_corr a unit-variance statistic
-next to them; the kernel footprint around them is flagged in the output mask.
+small grid (they are compact) and their squares transformed once; the element-wise work
+between the FFTs is done in compiled passes (:mod:`astrid.diff.zogy_fused`). Masked pixels
+are zeroed in both the data and the variance maps before the FFT, which keeps S_corr a
+unit-variance statistic next to them; the kernel footprint around them is flagged in the output mask.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
+
+from astrid.diff.zogy_fused import (
+    finish_variance,
+    score_spectra,
+    scorr_and_error,
+    variance_spectrum,
+)
 
 # Output mask bits (uint8), on the science grid. See docs/interfaces.md.
 MASK_SCI_BAD = 1  # bad science pixel, or within the kernel footprint of one
@@ -247,37 +255,27 @@ def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np
     pad = max(psf_ref.shape[0], psf_sci.shape[0]) // 2
     shape = (sfft.next_fast_len(h + pad, real=True), sfft.next_fast_len(w + pad, real=True))
     kw = dict(s=shape, workers=fft_workers)
-
-    pr_hat = stamp_rfft2(psf_ref, shape, fft_workers)
-    pn_hat = stamp_rfft2(psf_sci, shape, fft_workers)
-    fr, fn, _, _, den2 = _zogy_spectra(pr_hat, pn_hat, sigma_ref, sigma_sci, flux_ratio)
-    inv_den = np.float32(1.0) / np.sqrt(den2)
-    del den2
-    # D-hat = (F_r P_r N-hat - F_n P_n R-hat) / den; the science part is kept for S_N.
-    d_sci = sfft.rfft2(np.asarray(sci, np.float32), **kw)
-    d_sci *= pr_hat
-    d_sci *= np.float32(fr) * inv_den
-    d_hat = sfft.rfft2(np.asarray(ref, np.float32), **kw)
-    d_hat *= pn_hat
-    d_hat *= np.float32(-fn) * inv_den
-    d_hat += d_sci
-    diff = sfft.irfft2(d_hat, **kw)[:h, :w]
-
-    # S-hat = F_D D-hat conj(P_D-hat), with P_D-hat = F_r F_n P_r P_n / (F_D den):
-    # S-hat = F_r F_n D-hat conj(P_r P_n) / den  (F_D cancels).
-    to_score = np.conj(pr_hat * pn_hat)
-    to_score *= np.float32(fr * fn) * inv_den
-    del pr_hat, pn_hat, inv_den
-    d_hat *= to_score
-    score = sfft.irfft2(d_hat, **kw)[:h, :w]
-    del d_hat
+    f32 = np.float32
+    fr, fn = 1.0, float(flux_ratio)
     astrometric = (sigma_x_px > 0) or (sigma_y_px > 0)
-    if astrometric:
-        # ZOGY eq. 30-31: the astrometric variance comes from the gradients of the score
-        # images of each input (S_N = k_n (x) N, S_R = S_N - S), not of their difference.
-        d_sci *= to_score
-        score_sci = sfft.irfft2(d_sci, **kw)[:h, :w]
-    del d_sci, to_score
+
+    # The spectra are overwritten in place (fused passes, zogy_fused.score_spectra):
+    # R-hat becomes D-hat, P_r-hat S-hat and N-hat S_N-hat, the score of the science image
+    # alone, which the astrometric term needs (ZOGY eq. 30-31: the gradients of each input's
+    # score, S_N and S_R = S_N - S, not of their difference).
+    s_hat = stamp_rfft2(psf_ref, shape, fft_workers)
+    pn_hat = stamp_rfft2(psf_sci, shape, fft_workers)
+    sn_hat = sfft.rfft2(np.asarray(sci, np.float32), **kw)
+    d_hat = sfft.rfft2(np.asarray(ref, np.float32), **kw)
+    score_spectra(s_hat, pn_hat, sn_hat, d_hat, f32(sigma_sci ** 2 * fr ** 2),
+                  f32(sigma_ref ** 2 * fn ** 2), f32(fr), f32(fn), f32(_DEN2_FLOOR))
+    del pn_hat
+    diff = sfft.irfft2(d_hat, overwrite_x=True, **kw)[:h, :w]
+    del d_hat
+    score = sfft.irfft2(s_hat, overwrite_x=True, **kw)[:h, :w]
+    del s_hat
+    score_sci = sfft.irfft2(sn_hat, overwrite_x=True, **kw)[:h, :w] if astrometric else score
+    del sn_hat
 
     k_ref, k_sci, flux_zp_diff, flux_zp_score = zogy_kernels(
         psf_ref, psf_sci, sigma_ref, sigma_sci, flux_ratio)
@@ -291,51 +289,26 @@ def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np
     crop = np.s_[c - half:c + half + 1, c - half:c + half + 1]
     kref2 = np.fft.fftshift(k_ref ** 2)[crop]
     ksci2 = np.fft.fftshift(k_sci ** 2)[crop]
+    empty_sky = sigma_ref ** 2 * float(kref2.sum()) + sigma_sci ** 2 * float(ksci2.sum())
     if var_ref is None and var_sci is None:
-        var_score = np.full((h, w), sigma_ref ** 2 * kref2.sum() + sigma_sci ** 2 * ksci2.sum(),
-                            np.float32)
+        var_score = np.full((h, w), empty_sky, np.float32)
     else:
         vr = np.full((h, w), sigma_ref ** 2, np.float32) if var_ref is None else var_ref
         vn = np.full((h, w), sigma_sci ** 2, np.float32) if var_sci is None else var_sci
         v_hat = sfft.rfft2(np.asarray(vr, np.float32), **kw)
-        v_hat *= stamp_rfft2(kref2, shape, fft_workers)
         vn_hat = sfft.rfft2(np.asarray(vn, np.float32), **kw)
-        vn_hat *= stamp_rfft2(ksci2, shape, fft_workers)
-        v_hat += vn_hat
+        variance_spectrum(v_hat, stamp_rfft2(kref2, shape, fft_workers), vn_hat,
+                          stamp_rfft2(ksci2, shape, fft_workers))
         del vn_hat
-        var_score = sfft.irfft2(v_hat, **kw)[:h, :w]
+        var_score = sfft.irfft2(v_hat, overwrite_x=True, **kw)[:h, :w]
         del v_hat
     # Zero-variance regions (all inputs masked) must not divide by ~0: floor at 1e-3 of the
-    # empty-sky value.
-    floor = 1e-3 * (sigma_ref ** 2 * kref2.sum() + sigma_sci ** 2 * ksci2.sum())
-    np.maximum(var_score, np.float32(floor), out=var_score)
-
-    if astrometric:
-        score_ref = score_sci - score
-        for img in (score_sci, score_ref):
-            for axis, sigma in ((1, sigma_x_px), (0, sigma_y_px)):
-                if sigma > 0:
-                    grad = _central_difference(img, axis)
-                    grad *= np.float32(sigma)
-                    grad *= grad
-                    var_score += grad
-
-    return ZogyTile(diff=diff.astype(np.float32, copy=False),
-                    score=score.astype(np.float32, copy=False),
-                    var_score=var_score.astype(np.float32, copy=False),
+    # empty-sky value. Then the astrometric term.
+    finish_variance(var_score, score, score_sci, f32(1e-3 * empty_sky), f32(sigma_x_px),
+                    f32(sigma_y_px))
+    return ZogyTile(diff=diff, score=score, var_score=var_score,
                     flux_zp_score=flux_zp_score, flux_zp_diff=flux_zp_diff,
                     kernel_radius_px=radius)
-
-
-def _central_difference(img: np.ndarray, axis: int) -> np.ndarray:
-    """d img / d axis (per px) by central differences; 0 on the first and last row/column."""
-    grad = np.zeros_like(img)
-    if axis == 1:
-        np.subtract(img[:, 2:], img[:, :-2], out=grad[:, 1:-1])
-    else:
-        np.subtract(img[2:, :], img[:-2, :], out=grad[1:-1, :])
-    grad *= np.float32(0.5)
-    return grad
 
 
 def tile_edges(n_px: int, tile_px: int) -> np.ndarray:
@@ -505,12 +478,9 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         inner = np.s_[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
         out = np.s_[y0:y1, x0:x1]
         diff[out] = tile.diff[inner]
-        std = np.sqrt(tile.var_score[inner])
-        score = tile.score[inner]
-        np.divide(score, std, out=scorr[out])
         # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
-        to_sci = np.float32(flux_ratio / tile.flux_zp_score)
-        np.multiply(std, to_sci, out=flux_err[out])
+        scorr_and_error(tile.score[inner], tile.var_score[inner],
+                        np.float32(flux_ratio / tile.flux_zp_score), scorr[out], flux_err[out])
         return tile.kernel_radius_px, tile.flux_zp_score, tile.flux_zp_diff
 
     boxes = [(y0, y1, x0, x1) for y0, y1 in zip(edges_y[:-1], edges_y[1:], strict=True)
