@@ -206,3 +206,7 @@ def test_lazy_variance_tile_equals_the_variance_map(rms, gain):
     assert got[50 - 10, 60 - 25] == 0 and got[51 - 10, 61 - 25] == 0
     iy, ix = np.array([22, 50, 120]), np.array([30, 60, 200])
     np.testing.assert_allclose(lazy[iy, ix], expected[iy - 10, ix - 25], rtol=1e-6)
+    stamps = lazy.stamps(iy, ix, 4)
+    assert stamps.shape == (3, 9, 9)
+    for stamp, y, x in zip(stamps, iy - 10, ix - 25, strict=True):
+        np.testing.assert_allclose(stamp, expected[y - 4:y + 5, x - 4:x + 5], rtol=1e-6)

@@ -14,7 +14,7 @@ def gaussian_psf(fwhm_px: float, size: int = 31) -> np.ndarray:
     return (psf / psf.sum()).astype(np.float32)
 
 
-def test_noise_ratio_uses_at_most_about_a_million_pixels_and_keeps_its_value():
+def test_noise_ratio_samples_are_capped_and_keep_its_value():
     rng = np.random.default_rng(0)
     scorr = rng.normal(0, 1.0, (2400, 2400)).astype(np.float32)
     diff = 0.9 * scorr
@@ -22,12 +22,14 @@ def test_noise_ratio_uses_at_most_about_a_million_pixels_and_keeps_its_value():
     free = np.ones((600, 600), bool)
     nr_s, nr_d, n = q.noise_ratios(scorr, diff, mask, free)
     every_other = q.noise_ratios(scorr, diff, mask, free, stride_px=2)
-    assert n <= q._MAX_NOISE_SAMPLES < every_other[2]
+    assert n == 600**2 and every_other[2] == 1200**2  # every 4th pixel, not every other
     assert nr_s == pytest.approx(1.0, abs=0.005) and nr_s == pytest.approx(every_other[0], abs=0.005)
     assert nr_d == pytest.approx(0.9 * nr_s, rel=1e-5)
-    # A 2048^2 frame keeps every other pixel (1.05 million).
+    # A 1024^2 frame keeps every other pixel (262,144), a 2048^2 one every 4th.
+    assert q.noise_ratios(scorr[:1024, :1024], diff[:1024, :1024], mask[:1024, :1024],
+                          free[:256, :256])[2] == 512**2
     assert q.noise_ratios(scorr[:2048, :2048], diff[:2048, :2048], mask[:2048, :2048],
-                          free[:512, :512])[2] == 1024**2
+                          free[:512, :512])[2] == 512**2
 
 
 def test_star_chi2_from_a_subsample_of_many_stars_matches_all_of_them():

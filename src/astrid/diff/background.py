@@ -307,50 +307,71 @@ class LazyVariance:
     Indexing (a tile slice, or fancy indices at star positions) returns
     ``variance_map(data[idx], rms[idx], gain)`` with 0 at bad pixels (``bad_bits`` set in
     ``mask``, or data not finite): what ZOGY needs per tile, without holding two full-size
-    float32 maps (128 MB at 4096^2) for the whole run.
+    float32 maps (128 MB at 4096^2) for the whole run. :meth:`stamps` cuts it at many
+    positions at once.
 
     Parameters
     ----------
     data : (H, W) background-subtracted image, ADU.
-    rms : (H, W) background RMS map in ADU, or a scalar.
+    rms : (H, W) background RMS map in ADU (kept in half precision, 0.05%: plenty for a
+        smooth noise map), or a scalar.
     gain : electrons per ADU, or None (no source term).
     mask, bad_bits : uint8 flag map and the bits that make a pixel bad.
     """
 
     def __init__(self, data: np.ndarray, rms, gain: float | None, mask: np.ndarray,
                  bad_bits: int):
-        self.data, self.rms, self.gain = data, rms, gain
-        self.mask, self.bad_bits = mask, bad_bits
-        self.shape = data.shape
+        self.data, self.mask, self.shape = data, mask, data.shape
+        self.bad_bits = np.uint8(bad_bits)
+        self.inv_gain = np.float32(1.0 / gain if gain is not None and gain > 0 else 0.0)
+        # The compiled passes read the RMS as codes into a table (numba has no float16):
+        # the bits of the half-precision map, or code 0 everywhere for a scalar.
+        if np.ndim(rms):
+            self.rms_codes = np.asarray(rms, np.float16).view(np.uint16)
+            self.rms_table = _HALF_TO_SINGLE
+        else:
+            self.rms_codes = np.broadcast_to(np.uint16(0), data.shape)  # stride 0: no memory
+            self.rms_table = np.array([rms], np.float32)
 
     def __getitem__(self, idx) -> np.ndarray:
         data = self.data[idx]
-        if np.ndim(self.rms):
-            rms = np.asarray(self.rms[idx], np.float32)
-        else:
-            rms = np.broadcast_to(np.float32(self.rms), data.shape)  # no copy: stride 0
-        if data.ndim == 2:
-            # A tile: one compiled pass instead of half a dozen whole-tile NumPy passes.
-            var = np.empty(data.shape, np.float32)
-            inv_gain = 1.0 / self.gain if self.gain is not None and self.gain > 0 else 0.0
-            _variance_into(data, rms, np.float32(inv_gain), self.mask[idx],
-                           np.uint8(self.bad_bits), var)
-            return var
-        var = variance_map(data, rms, self.gain)
-        var[((self.mask[idx] & self.bad_bits) != 0) | ~np.isfinite(var) | ~np.isfinite(data)] = 0
-        return var
+        out = np.empty(data.shape, np.float32)
+        rows = (-1, data.shape[-1]) if data.ndim else (1, 1)  # any shape as rows of pixels
+        _variance_into(data.reshape(rows), self.rms_codes[idx].reshape(rows), self.rms_table,
+                       self.inv_gain, self.mask[idx].reshape(rows), self.bad_bits,
+                       out.reshape(rows))
+        return out
+
+    def stamps(self, y: np.ndarray, x: np.ndarray, half: int) -> np.ndarray:
+        """(N, 2 half + 1, 2 half + 1) stamps of the map centred on integer pixels ``(y, x)``
+        (all at least ``half`` from the border)."""
+        n, size = len(y), 2 * half + 1
+        out = np.empty((n * size, size), np.float32)
+        for k, (yc, xc) in enumerate(zip(y, x, strict=True)):
+            window = np.s_[yc - half:yc + half + 1, xc - half:xc + half + 1]
+            _variance_into(self.data[window], self.rms_codes[window], self.rms_table,
+                           self.inv_gain, self.mask[window], self.bad_bits,
+                           out[k * size:(k + 1) * size])
+        return out.reshape(n, size, size)
+
+
+# float16 bits -> float32, for the compiled passes (numba has no float16).
+_HALF_TO_SINGLE = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16) \
+    .astype(np.float32)
 
 
 @numba.njit(cache=True, nogil=True)
-def _variance_into(data, rms, inv_gain, mask, bad_bits, out):  # pragma: no cover (compiled)
+def _variance_into(data, rms_codes, rms_table, inv_gain, mask, bad_bits,
+                   out):  # pragma: no cover (compiled)
     """``variance_map`` (rms^2 + max(data, 0) / gain) into ``out``, 0 at bad or non-finite
-    pixels; ``inv_gain`` 0 for no source term."""
+    pixels; the RMS is ``rms_table[rms_codes]``, ``inv_gain`` 0 for no source term."""
     h, w = data.shape
     zero = np.float32(0.0)
     for i in range(h):
-        d, r, m, o = data[i], rms[i], mask[i], out[i]
+        d, c, m, o = data[i], rms_codes[i], mask[i], out[i]
         for j in range(w):
-            v = r[j] * r[j]
+            r = rms_table[c[j]]
+            v = r * r
             if inv_gain > 0:
                 v += max(d[j], zero) * inv_gain
             good = (m[j] & bad_bits) == 0 and np.isfinite(v) and np.isfinite(d[j])
