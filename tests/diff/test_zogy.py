@@ -268,3 +268,17 @@ def test_compiled_passes_equal_the_numpy_formulas():
         expected[1:-1, :] += (0.2 * 0.5 * (img[2:, :] - img[:-2, :])) ** 2
     finish_variance(var, score, score_sci, f32(0.01), f32(0.3), f32(0.2))
     np.testing.assert_allclose(var, expected, rtol=1e-5)
+
+
+def test_dilate_of_bit_flags_dilates_each_bit():
+    # The output mask dilates all bad bits at once: a bitwise OR over the box.
+    from astrid.diff.zogy_core import dilate
+
+    rng = np.random.default_rng(3)
+    flags = (rng.random((300, 200)) < 0.003).astype(np.uint8) * 2
+    flags[rng.random(flags.shape) < 0.002] |= 8
+    out = dilate(flags, 5)
+    assert out.dtype == np.uint8
+    for bit in (2, 8):
+        assert np.array_equal((out & bit) != 0, dilate((flags & bit) != 0, 5))
+    assert not (out & ~np.uint8(2 | 8)).any()

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from astrid.diff.zogy_fused import (
+    bad_pixel_map,
+    finish_tile,
     finish_variance,
+    flag_non_finite,
     score_spectra,
-    scorr_and_error,
     variance_spectrum,
 )
 
@@ -320,6 +322,12 @@ def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np
                     kernel_radius_px=radius)
 
 
+@functools.cache
+def _blas_threads() -> ThreadpoolController:
+    """The BLAS libraries loaded, found once (looking them up costs ~10 ms each time)."""
+    return ThreadpoolController()
+
+
 def tile_edges(n_px: int, tile_px: int) -> np.ndarray:
     """Interior tile edges along one axis: ``ceil(n / tile)`` nearly equal tiles."""
     n_tiles = max(1, int(np.ceil(n_px / tile_px)))
@@ -341,13 +349,16 @@ def _tile_value(value, sl) -> float:
 
 
 def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
-    """Dilate a boolean image by a (2r+1)^2 box (outside the image counts as False).
+    """Dilate a boolean image by a (2r+1)^2 box (outside the image counts as False); a uint8
+    image of bit flags has each bit dilated (a bitwise OR over the box).
 
-    The same as ``ndimage.maximum_filter(flags, 2r + 1, mode="constant")``, but separable
-    and by OR-ing shifted slices with doubling widths: O(log r) whole-array passes per axis
-    instead of a per-pixel running maximum, several times faster on 4k frames.
+    The same as ``ndimage.maximum_filter(flags, 2r + 1, mode="constant")`` (for booleans),
+    but separable and by OR-ing shifted slices with doubling widths: O(log r) whole-array
+    passes per axis instead of a per-pixel running maximum, several times faster on 4k frames.
     """
-    flags = np.asarray(flags, bool)
+    flags = np.asarray(flags)
+    if flags.dtype != np.uint8:
+        flags = flags.astype(bool, copy=False)
     r = int(radius_px)
     if r <= 0 or not flags.any():
         return flags.copy()
@@ -365,6 +376,7 @@ def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
 
 
 _DILATE_BAND_PX = 1024
+_NO_PIXELS = np.zeros((0, 0), bool)  # "no bad pixels" for the compiled passes
 
 
 def _dilate_axis(flags: np.ndarray, r: int, axis: int) -> np.ndarray:
@@ -419,17 +431,13 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
     """
     h, w = sci.shape
     in_mask = np.zeros((h, w), np.uint8) if mask is None else np.asarray(mask, np.uint8)
-    bad = (in_mask & MASK_BAD_ANY) != 0
-    # Non-finite pixels the mask does not flag yet (prepare_pair flags them all already).
-    bad_sci = ~np.isfinite(sci) & ~bad
-    bad_ref = ~np.isfinite(ref) & ~bad
-    if bad_sci.any() or bad_ref.any():
-        # Set in place on a copy: np.where(bad, bit, 0) would build an int64 image (8 B/px).
+    # Non-finite pixels the mask does not flag yet get flagged (prepare_pair flags them all
+    # already, so this is one compiled pass that finds none).
+    bad = np.empty((h, w), bool)
+    if bad_pixel_map(in_mask, np.uint8(MASK_BAD_ANY), sci, ref, bad):
         in_mask = in_mask.copy()
-        in_mask[bad_sci] |= MASK_SCI_BAD
-        in_mask[bad_ref] |= MASK_REF_BAD
-        bad |= bad_sci | bad_ref
-    del bad_sci, bad_ref
+        flag_non_finite(in_mask, np.uint8(MASK_BAD_ANY), sci, np.uint8(MASK_SCI_BAD))
+        flag_non_finite(in_mask, np.uint8(MASK_BAD_ANY), ref, np.uint8(MASK_REF_BAD))
     any_bad = bool(bad.any())
 
     def tile_inputs(sl):
@@ -486,10 +494,11 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         del t_ref, t_sci, t_var_ref, t_var_sci
         inner = np.s_[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
         out = np.s_[y0:y1, x0:x1]
-        diff[out] = tile.diff[inner]
         # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
-        scorr_and_error(tile.score[inner], tile.var_score[inner],
-                        np.float32(flux_ratio / tile.flux_zp_score), scorr[out], flux_err[out])
+        # Bad pixels become NaN in all three outputs.
+        finish_tile(tile.diff[inner], tile.score[inner], tile.var_score[inner],
+                    bad[out] if any_bad else _NO_PIXELS, np.float32(flux_ratio / tile.flux_zp_score),
+                    diff[out], scorr[out], flux_err[out])
         return tile.kernel_radius_px, tile.flux_zp_score, tile.flux_zp_diff
 
     boxes = [(y0, y1, x0, x1) for y0, y1 in zip(edges_y[:-1], edges_y[1:], strict=True)
@@ -504,7 +513,8 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         # The calling thread takes its share, so only n_threads - 1 helper threads (and
         # malloc arenas, which keep freed tile buffers) are added.
         results = [None] * len(boxes)
-        with threadpool_limits(1, "blas"), ThreadPoolExecutor(max_workers=n_threads - 1) as pool:
+        with _blas_threads().limit(limits=1, user_api="blas"), \
+                ThreadPoolExecutor(max_workers=n_threads - 1) as pool:
             helped = {k: pool.submit(run_tile, *boxes[k], 1)
                       for k in range(len(boxes)) if k % n_threads}
             for k in range(0, len(boxes), n_threads):
@@ -520,16 +530,9 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
             zp_center = (zp_score, zp_diff)
 
-    # Whole-array ufuncs (putmask, where=) rather than boolean indexing: a third faster.
-    if any_bad:
-        for arr in (diff, scorr, flux_err):
-            np.putmask(arr, bad, np.float32(np.nan))
-    bad = None  # freed before the dilations below: one full-size map less at the peak
-    out_mask = np.zeros((h, w), np.uint8)
-    for bit in (MASK_SCI_BAD, MASK_REF_BAD, MASK_NO_OVERLAP, MASK_SATURATED):
-        flagged = (in_mask & bit) != 0
-        if flagged.any():
-            np.bitwise_or(out_mask, np.uint8(bit), out=out_mask, where=dilate(flagged, radius))
+    bad = None  # freed before the dilation below: one full-size map less at the peak
+    # Every bad bit dilated by the kernel footprint at once: a box OR over the uint8 flags.
+    out_mask = dilate(in_mask & np.uint8(MASK_BAD_ANY), radius)
     border = max(radius, 1)
     out_mask[:border, :] |= MASK_EDGE
     out_mask[-border:, :] |= MASK_EDGE

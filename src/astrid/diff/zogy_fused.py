@@ -96,12 +96,52 @@ def finish_variance(var, score, score_sci, floor, sx, sy):  # pragma: no cover (
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def scorr_and_error(score, var, to_sci, scorr_out, err_out):  # pragma: no cover (compiled)
-    """S_corr = S / sqrt(V(S)) and the flux error sqrt(V(S)) * to_sci, into the outputs."""
+def finish_tile(diff, score, var, bad, to_sci, diff_out, scorr_out,
+                err_out):  # pragma: no cover (compiled)
+    """A tile's interior into the outputs: D, S_corr = S / sqrt(V(S)) and the flux error
+    sqrt(V(S)) * to_sci, NaN in all three where ``bad`` (a (0, 0) ``bad``: none)."""
     h, w = score.shape
+    check = bad.shape[0] > 0
+    nan = np.float32(np.nan)
     for i in range(h):
-        s, v, c, e = score[i], var[i], scorr_out[i], err_out[i]
+        d, s, v = diff[i], score[i], var[i]
+        do, c, e = diff_out[i], scorr_out[i], err_out[i]
         for j in range(w):
             std = np.sqrt(v[j])
+            do[j] = d[j]
             c[j] = s[j] / std
             e[j] = std * to_sci
+        if check:
+            b = bad[i]
+            for j in range(w):
+                if b[j]:
+                    do[j] = nan
+                    c[j] = nan
+                    e[j] = nan
+
+
+@numba.njit(cache=True, nogil=True)
+def bad_pixel_map(mask, bits, sci, ref, out):  # pragma: no cover (compiled)
+    """``out`` = pixel flagged with ``bits`` or not finite in ``sci`` or ``ref``; returns
+    whether any non-finite pixel was not flagged."""
+    h, w = mask.shape
+    unflagged = False
+    for i in range(h):
+        m, s, r, o = mask[i], sci[i], ref[i], out[i]
+        for j in range(w):
+            flagged = (m[j] & bits) != 0
+            finite = np.isfinite(s[j]) and np.isfinite(r[j])
+            o[j] = flagged or not finite
+            unflagged |= not (flagged or finite)
+    return unflagged
+
+
+@numba.njit(cache=True, nogil=True)
+def flag_non_finite(mask, bits, image, flag):  # pragma: no cover (compiled)
+    """Set ``flag`` in ``mask`` where ``image`` is not finite and no ``bits`` are set."""
+    h, w = mask.shape
+    for i in range(h):
+        m, x = mask[i], image[i]
+        for j in range(w):
+            if (m[j] & bits) == 0 and not np.isfinite(x[j]):
+                m[j] |= flag
