@@ -35,6 +35,7 @@ from astrid.diff.zogy_fused import (
     flag_non_finite,
     score_spectra,
     variance_spectrum,
+    zero_where,
 )
 
 # Output mask bits (uint8), on the science grid. See docs/interfaces.md.
@@ -341,6 +342,15 @@ def _psf_function(psf: PSFSource) -> Callable[[float, float], np.ndarray]:
     return lambda x, y: stamp
 
 
+def _tile_copy(values, sl) -> np.ndarray | None:
+    """A float32 tile of a map that may be changed in place: a copy of an array's slice, or
+    what a map computed on indexing (a LazyVariance) returned, as it is."""
+    if values is None:
+        return None
+    tile = np.asarray(values[sl], np.float32)
+    return tile if tile.flags.owndata and tile.flags.writeable else tile.copy()
+
+
 def _tile_value(value, sl) -> float:
     """A scalar for the tile: the value itself, or the median of a map over the tile."""
     if np.ndim(value) == 0:
@@ -447,19 +457,15 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         per tile keeps the full-size inputs untouched and avoids full-size copies.
         """
         r, n = np.array(ref[sl], np.float32), np.array(sci[sl], np.float32)
-        vr = None if var_ref is None else np.array(var_ref[sl], np.float32)
-        vn = None if var_sci is None else np.array(var_sci[sl], np.float32)
+        vr, vn = _tile_copy(var_ref, sl), _tile_copy(var_sci, sl)
         if any_bad:
             b = bad[sl]
             if b.any():
-                r[b] = 0
-                n[b] = 0
                 if vr is None:
                     vr = np.full(r.shape, np.float32(_tile_value(sigma_ref, sl) ** 2))
                 if vn is None:
                     vn = np.full(n.shape, np.float32(_tile_value(sigma_sci, sl) ** 2))
-                vr[b] = 0
-                vn[b] = 0
+                zero_where(b, r, n, vr, vn)
         if (vr is None) != (vn is None):
             if vr is None:
                 vr = np.full(r.shape, np.float32(_tile_value(sigma_ref, sl) ** 2))
