@@ -255,3 +255,21 @@ def test_flux_ratio_of_simulated_pairs_matches_their_zero_points(index):
     truth = pair.info["flux_ratio"]
     # A handful of stars: the fit's error, plus ~1% of PSF-model systematics.
     assert abs(fit.value - truth) < 3 * fit.err + 0.015 * truth
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_binned_snr_image_is_the_block_sum_of_snr_and_any_bad(step):
+    from astrid.diff.background import bin_sum
+    from astrid.diff.stars import _binned_snr
+
+    rng = np.random.default_rng(step)
+    work = rng.normal(0, 3, (101, 64)).astype(np.float32)
+    work[7, 9] = np.nan  # a bad pixel, whatever it holds
+    err = rng.uniform(2, 4, work.shape).astype(np.float32)
+    bad = np.isnan(work) | (rng.random(work.shape) < 0.01)
+    snr = np.empty((101 // step, 64 // step), np.float32)
+    binned_bad = np.empty(snr.shape, bool)
+    _binned_snr(work, err, bad, step, snr, binned_bad)
+    expected = bin_sum(work / err, step) / (step if step > 1 else 1)
+    np.testing.assert_array_equal(snr, expected.astype(np.float32))
+    np.testing.assert_array_equal(binned_bad, bin_sum(bad, step) > 0)

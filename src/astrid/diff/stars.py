@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pandas as pd
 import sep
 from scipy.spatial import cKDTree
 
-from astrid.diff.background import bad_pixels, bin_sum, sep_array
+from astrid.diff.background import bad_pixels, sep_array
 from astrid.errors import AstridError
 
 STAR_COLUMNS = ("x", "y", "flux", "flux_err", "snr", "fwhm_px", "ellipticity", "peak",
@@ -161,14 +162,11 @@ def _detect(work: np.ndarray, err: np.ndarray, bad: np.ndarray, thresh_sigma: fl
     the same S/N (their flux adds up over the bin); centroids, shapes and fluxes are measured
     on the full-resolution image afterwards.
     """
-    h, band = work.shape[0] // step * step, 128 * step
-    snr_image = np.empty((h // step, work.shape[1] // step), np.float32)
-    for y0 in range(0, h, band):
-        y1 = min(h, y0 + band)
-        snr_image[y0 // step:y1 // step] = bin_sum(work[y0:y1] / err[y0:y1], step)
+    snr_image = np.empty((work.shape[0] // step, work.shape[1] // step), np.float32)
+    binned_bad = np.empty(snr_image.shape, bool)
+    _binned_snr(work, err, bad, step, snr_image, binned_bad)
+    bad = binned_bad
     if step > 1:
-        snr_image /= np.float32(step)
-        bad = bin_sum(bad, step) > 0
         minarea = max(2, -(-minarea // step**2))
     # sep normalises the detection filter, which lowers the noise of the unit-noise S/N image
     # to sqrt(sum k^2) / sum k of a pixel's: scaling the threshold by it puts ``thresh_sigma``
@@ -376,3 +374,23 @@ def fit_flux_ratio(flux_sci: np.ndarray, flux_ref: np.ndarray, err_sci: np.ndarr
     chi2_red = float(np.sum(w[keep] * (fs[keep] - value * fr[keep]) ** 2) / max(n_used - 1, 1))
     err = float(np.sqrt(1.0 / np.sum(w[keep] * fr[keep] ** 2)) * np.sqrt(max(chi2_red, 1.0)))
     return FluxRatio(value=value, err=err, n_stars=n_stars, n_used=n_used, chi2_red=chi2_red)
+
+
+@numba.njit(cache=True, nogil=True)
+def _binned_snr(work, err, bad, step, snr_out, bad_out):  # pragma: no cover (compiled)
+    """``work / err`` summed over step x step blocks and divided by ``step`` (unit noise
+    again), and whether a block holds a bad pixel; in one pass, without the GIL."""
+    hb, wb = snr_out.shape
+    scale = np.float32(step)
+    for i in range(hb):
+        for j in range(wb):
+            total = np.float32(0.0)
+            any_bad = False
+            for a in range(step):
+                y = i * step + a
+                for b in range(step):
+                    x = j * step + b
+                    total += work[y, x] / err[y, x]
+                    any_bad |= bad[y, x]
+            snr_out[i, j] = total / scale if step > 1 else total
+            bad_out[i, j] = any_bad
