@@ -364,8 +364,9 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
                                  good_ref[["x", "y"]].to_numpy(), match_px)
     xs, ys = good_sci["x"].to_numpy()[ia], good_sci["y"].to_numpy()[ia]
     xr, yr = good_ref["x"].to_numpy()[ib], good_ref["y"].to_numpy()[ib]
-    f_sci, e_sci = psf_photometry(sci, rms_sci, psf_sci, xs, ys, mask=sci_img.mask)
-    f_ref, e_ref = psf_photometry(ref, sigma_ref, psf_ref, xr, yr, mask=ref_bad)
+    (f_sci, e_sci), (f_ref, e_ref) = _side_by_side(
+        partial(psf_photometry, sci, rms_sci, psf_sci, xs, ys, mask=sci_img.mask),
+        partial(psf_photometry, ref, sigma_ref, psf_ref, xr, yr, mask=ref_bad))
     with _blame(f"{sci_name} vs {ref_name}"):
         ratio = fit_flux_ratio(f_sci, f_ref, e_sci, e_ref)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -98,13 +98,15 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
     size_px = int(size_px) | 1
     half = size_px // 2
     height, width = data.shape
-    bad = bad_pixels(data, mask)
+    if mask is not None and np.shape(mask) != data.shape:
+        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {data.shape}")
     rms_map = np.broadcast_to(np.asarray(rms, dtype=np.float32), data.shape)
-    # Cutouts are taken straight from the image (NaN at bad pixels and beyond the edges):
-    # no padded or masked full-size copies.
-    image = _Image(data, bad)
+    # Cutouts are taken straight from the image (NaN at flagged and non-finite pixels and
+    # beyond the edges): no padded, masked or bad-pixel full-size maps.
+    image = _Image(data, None if mask is None else np.asarray(mask))
     if stars is None:
-        stars = find_stars(data, rms, bad, saturation=saturation, edge_px=half + 1)
+        stars = find_stars(data, rms, bad_pixels(data, mask), saturation=saturation,
+                           edge_px=half + 1)
     if len(stars) == 0:
         raise AstridError("no stars found in the image to measure its PSF")
 
@@ -186,13 +188,16 @@ def psf_photometry(data_bkgsub: np.ndarray, rms: np.ndarray | float, model: PSFM
     x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
     size_px = model.size_px
     half = size_px // 2
-    bad = bad_pixels(data, mask)
+    if mask is not None and np.shape(mask) != data.shape:
+        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {data.shape}")
     height, width = data.shape
     rx, ry = np.rint(np.nan_to_num(x, nan=-1.0)), np.rint(np.nan_to_num(y, nan=-1.0))
     off_image = (rx < 0) | (ry < 0) | (rx > width - 1) | (ry > height - 1)
     ix = np.clip(rx, 0, width - 1).astype(int)
     iy = np.clip(ry, 0, height - 1).astype(int)
-    cut = _cutouts(_Image(data, bad), ix, iy, half)
+    # The mask is read at the stamps only (no full-size bad-pixel map); non-finite pixels are
+    # NaN in the cutouts and get zero weight below.
+    cut = _cutouts(_Image(data, None if mask is None else np.asarray(mask)), ix, iy, half)
     rms_arr = np.broadcast_to(np.asarray(rms, dtype=np.float32), data.shape)
     var = _cutouts(_Image(rms_arr), ix, iy, half) ** 2
     psf = np.stack([psf_at(model, xi, yi) for xi, yi in zip(x, y, strict=True)]) if len(x) else \
@@ -269,15 +274,16 @@ def _clip_fwhm(stars: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class _Image:
-    """An image to cut stamps from: float32 ``data`` and optional bool ``bad`` (read as NaN)."""
+    """An image to cut stamps from: float32 ``data`` and optional ``bad`` (bool, or flags
+    where non-zero; read as NaN)."""
 
     data: np.ndarray
     bad: np.ndarray | None = None
 
 
 def _cutouts(image: _Image, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
-    """(N, S, S) float32 cutouts centred on integer pixels (ix, iy); NaN at bad pixels and
-    beyond the image edges (only the stamps are gathered, never a padded copy of the image)."""
+    """(N, S, S) float32 cutouts centred on integer pixels (ix, iy); NaN at bad and
+    non-finite pixels and beyond the image edges (only the stamps are gathered, never a padded copy of the image)."""
     data = image.data
     height, width = data.shape
     offsets = np.arange(-half, half + 1)
@@ -286,8 +292,9 @@ def _cutouts(image: _Image, ix: np.ndarray, iy: np.ndarray, half: int) -> np.nda
     outside = (rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)
     rows, cols = np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)
     cut = np.array(data[rows, cols], dtype=np.float32)
+    outside |= ~np.isfinite(cut)
     if image.bad is not None:
-        outside = outside | image.bad[rows, cols]
+        outside |= image.bad[rows, cols] != 0
     cut[outside] = np.nan
     return cut
 
