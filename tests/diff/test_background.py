@@ -210,3 +210,19 @@ def test_lazy_variance_tile_equals_the_variance_map(rms, gain):
     assert stamps.shape == (3, 9, 9)
     for stamp, y, x in zip(stamps, iy - 10, ix - 25, strict=True):
         np.testing.assert_allclose(stamp, expected[y - 4:y + 5, x - 4:x + 5], rtol=1e-6)
+
+
+def test_nan_at_bad_copies_only_when_a_flagged_pixel_holds_a_number():
+    from astrid.diff.background import nan_at_bad
+
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    mask = np.zeros(data.shape, bool)
+    assert nan_at_bad(data, mask) is data and nan_at_bad(data, None) is data
+    mask[1, 2] = True
+    out = nan_at_bad(data, mask)
+    assert out is not data and np.isnan(out[1, 2]) and data[1, 2] == 6  # input untouched
+    assert np.isnan(out).sum() == 1
+    data[1, 2] = np.nan
+    assert nan_at_bad(data, mask) is data  # already NaN there: no copy
+    data[0, 0] = np.inf
+    assert np.isnan(nan_at_bad(data, mask)[0, 0])

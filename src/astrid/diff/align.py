@@ -22,7 +22,7 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from astrid.diff.background import bad_pixels, estimate_background
+from astrid.diff.background import estimate_background, nan_at_bad
 from astrid.diff.stars import find_stars, match_positions
 from astrid.errors import AstridError
 
@@ -131,9 +131,8 @@ def align_reference(ref_data: np.ndarray, ref_wcs: WCS | None, sci_shape: tuple[
             affine, rms_px, sigma_x, sigma_y, n_matched = fit
             map_x, map_y = _map_nodes(grid_x, grid_y, affine, ref_wcs, sci_wcs)
 
-    bad = bad_pixels(ref_data, ref_mask)
-    ref_on_sci, footprint = _warp(np.where(bad, np.float32(np.nan), ref_data), grid_x, grid_y,
-                                  map_x, map_y, (height, width))
+    ref_on_sci, footprint = _warp(nan_at_bad(ref_data, ref_mask), grid_x, grid_y, map_x, map_y,
+                                  (height, width))
     overlap = float(footprint.mean())
     if overlap < min_overlap:
         raise AstridError(f"reference and science images overlap by only {overlap:.1%} "

@@ -78,6 +78,32 @@ def bad_pixels(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return bad
 
 
+def nan_at_bad(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``data`` with NaN at flagged and non-finite pixels: ``data`` itself where it already is
+    so (background-subtracted images are), found in one compiled pass; a copy otherwise."""
+    data = np.asarray(data, np.float32)
+    if mask is not None and mask.shape != data.shape:
+        raise AstridError(f"mask shape {mask.shape} differs from image shape {data.shape}")
+    flags = np.zeros((0, 0), bool) if mask is None else np.asarray(mask)
+    if not _needs_nan(data, flags):
+        return data
+    return np.where(bad_pixels(data, mask), np.float32(np.nan), data)
+
+
+@numba.njit(cache=True, nogil=True)
+def _needs_nan(data, mask):  # pragma: no cover (compiled)
+    """Whether a flagged pixel holds a number or any pixel is infinite."""
+    use_mask = mask.shape[0] > 0
+    h, w = data.shape
+    for i in range(h):
+        row = data[i]
+        for j in range(w):
+            v = row[j]
+            if np.isinf(v) or (use_mask and mask[i, j] != 0 and v == v):
+                return True
+    return False
+
+
 @dataclass(frozen=True)
 class BackgroundMesh:
     """A background estimate on its mesh, from which the full-resolution maps are evaluated.
