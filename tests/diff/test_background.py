@@ -226,3 +226,20 @@ def test_nan_at_bad_copies_only_when_a_flagged_pixel_holds_a_number():
     assert nan_at_bad(data, mask) is data  # already NaN there: no copy
     data[0, 0] = np.inf
     assert np.isnan(nan_at_bad(data, mask)[0, 0])
+
+
+def test_half_precision_bits_equal_numpys_rounding():
+    # LazyVariance stores RMS maps as float16 bits made by a compiled loop: they must be
+    # NumPy's, value for value, over every kind of float32 (random bit patterns).
+    from astrid.diff.background import _half_bits
+
+    rng = np.random.default_rng(11)
+    values = rng.integers(0, 2**32, size=(500, 400), dtype=np.uint64).astype(np.uint32) \
+        .view(np.float32)
+    values[0, :6] = [0.0, 65519.0, 65520.0, 2047.5, 2048.5, 2.98e-8]  # ties and limits
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    got = _half_bits(values).view(np.float16)
+    finite = ~np.isnan(values)
+    np.testing.assert_array_equal(got[finite].view(np.uint16), expected[finite].view(np.uint16))
+    assert np.isnan(got[~finite]).all()

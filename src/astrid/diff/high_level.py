@@ -376,9 +376,9 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     median_ratio = float(np.nanmedian(r[np.isfinite(r) & (f_ref > 0)]))
     timer.lap("flux_ratio")
 
-    # Half precision (0.05%) is plenty for a smooth noise map and halves what ZOGY keeps.
-    var_sci = LazyVariance(sci, rms_sci.astype(np.float16), sci_img.meta.gain, mask,
-                           MASK_BAD_ANY)
+    # LazyVariance keeps the RMS map in half precision (0.05%: plenty for a smooth noise map),
+    # which halves what ZOGY keeps.
+    var_sci = LazyVariance(sci, rms_sci, sci_img.meta.gain, mask, MASK_BAD_ANY)
     del rms_sci
     var_ref = LazyVariance(ref, sigma_ref, ref_img.meta.gain, mask, MASK_BAD_ANY)
 
