@@ -243,3 +243,19 @@ def test_half_precision_bits_equal_numpys_rounding():
     finite = ~np.isnan(values)
     np.testing.assert_array_equal(got[finite].view(np.uint16), expected[finite].view(np.uint16))
     assert np.isnan(got[~finite]).all()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_source_threshold_pass_equals_the_numpy_box_mean(parallel):
+    from astrid.diff.background import _smoothed_above
+
+    rng = np.random.default_rng(5)
+    residual = rng.normal(0, 1, (150, 97)).astype(np.float32)
+    sigma = rng.uniform(0.2, 0.5, residual.shape).astype(np.float32)
+    p = np.pad(residual, 1, mode="edge")
+    rows = p[:-2] + p[1:-1] + p[2:]
+    box = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
+    out = np.empty(residual.shape, bool)
+    _smoothed_above(residual, sigma, np.float32(2.5 / 3.0), out, parallel)
+    np.testing.assert_array_equal(out, box > np.float32(2.5 / 3.0) * sigma)
+    assert 0 < out.sum() < out.size

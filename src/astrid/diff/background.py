@@ -237,8 +237,9 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_
     residual[small_bad] = 0
     # Smoothing by a 3x3 box divides white noise by 3, so one-pixel noise spikes rarely pass
     # the threshold while the cores and wings of real sources do.
-    sources = _box3(residual) > (source_thresh_sigma / 3.0) * sky_mesh.evaluate(
-        sigma, sigma_d2, rows, cols)
+    sources = np.empty(residual.shape, bool)
+    _smoothed_above(residual, sky_mesh.evaluate(sigma, sigma_d2, rows, cols),
+                    np.float32(source_thresh_sigma / 3.0), sources, parallel)
     sources &= ~small_bad
     sources = _open_2x2(sources)
     grow = int(np.ceil(dilate_px / step))
@@ -271,11 +272,39 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_
                           level_median=float(np.median(level_s)), sources=sources)
 
 
-def _box3(image: np.ndarray) -> np.ndarray:
-    """3x3 box mean with edge replication (sums of shifted slices: cheaper than ndimage)."""
-    p = np.pad(image, 1, mode="edge")
-    rows = p[:-2] + p[1:-1] + p[2:]
-    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
+def _smoothed_above(residual: np.ndarray, sigma: np.ndarray, k: np.float32, out: np.ndarray,
+                    parallel: bool = False) -> None:
+    """``out`` = the 3x3 box mean of ``residual`` (edges replicated) > ``k * sigma``, in one
+    compiled pass (on all cores with ``parallel``, from one Python thread at a time)."""
+    if parallel:
+        _smoothed_above_parallel(residual, sigma, k, out)
+    else:
+        _smoothed_above_rows(residual, sigma, k, out, 0, residual.shape[0])
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _smoothed_above_parallel(residual, sigma, k, out):  # pragma: no cover (compiled)
+    n_tasks = (residual.shape[0] + 63) // 64
+    for t in numba.prange(n_tasks):
+        _smoothed_above_rows(residual, sigma, k, out, t * 64,
+                             min(residual.shape[0], (t + 1) * 64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _smoothed_above_rows(residual, sigma, k, out, y0, y1):  # pragma: no cover (compiled)
+    """Rows ``y0:y1`` of :func:`_smoothed_above`: the 3x3 box mean with edges replicated,
+    three rows summed first, then three columns, in float32."""
+    h, w = residual.shape
+    ninth = np.float32(1.0 / 9.0)
+    column = np.empty(w + 2, np.float32)  # the three-row sums, edge columns replicated
+    for y in range(y0, y1):
+        up, mid, down = residual[max(y - 1, 0)], residual[y], residual[min(y + 1, h - 1)]
+        for x in range(w):
+            column[x + 1] = up[x] + mid[x] + down[x]
+        column[0], column[w + 1] = column[1], column[w]
+        s, o = sigma[y], out[y]
+        for x in range(w):
+            o[x] = (column[x] + column[x + 1] + column[x + 2]) * ninth > k * s[x]
 
 
 def _open_2x2(mask: np.ndarray) -> np.ndarray:
