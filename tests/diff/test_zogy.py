@@ -282,3 +282,20 @@ def test_dilate_of_bit_flags_dilates_each_bit():
     for bit in (2, 8):
         assert np.array_equal((out & bit) != 0, dilate((flags & bit) != 0, 5))
     assert not (out & ~np.uint8(2 | 8)).any()
+
+
+def test_pair_flags():
+    from astrid.diff.zogy_core import MASK_NO_OVERLAP, MASK_REF_BAD, MASK_SATURATED
+    from astrid.diff.zogy_fused import pair_flags
+
+    sci_bad = np.array([[True, False, False, True]])
+    sci = np.array([[1.0, 70_000.0, 5.0, 80_000.0]], np.float32)
+    ref = np.array([[2.0, np.nan, np.nan, 3.0]], np.float32)
+    inside = np.array([[True, True, False, True]])
+    bits = np.array([MASK_SCI_BAD, MASK_REF_BAD, MASK_NO_OVERLAP, MASK_SATURATED], np.uint8)
+    out = np.empty((1, 4), np.uint8)
+    pair_flags(sci_bad, sci, np.float32(60_000), ref, inside, bits, out)
+    assert out.tolist() == [[MASK_SCI_BAD, MASK_SATURATED | MASK_REF_BAD, MASK_NO_OVERLAP,
+                             MASK_SATURATED]]
+    pair_flags(sci_bad, sci, np.float32(np.nan), ref, inside, bits, out)  # no saturation level
+    assert out.tolist() == [[MASK_SCI_BAD, MASK_REF_BAD, MASK_NO_OVERLAP, MASK_SCI_BAD]]

@@ -160,3 +160,26 @@ def zero_where(bad, a, b, c, d):  # pragma: no cover (compiled)
                 rb[j] = zero
                 rc[j] = zero
                 rd[j] = zero
+
+
+@numba.njit(cache=True, nogil=True)
+def pair_flags(sci_mask, sci, saturation, ref, inside, bits, out):  # pragma: no cover (compiled)
+    """The input flags of a pair on the science grid. ``bits`` = (science bad, reference bad,
+    no overlap, saturated): science bad, or saturated (at or above ``saturation``, NaN for
+    none: saturated, not merely bad); reference NaN inside its frame (``inside``), or no
+    overlap outside it."""
+    sci_bad, ref_bad, no_overlap, saturated = bits[0], bits[1], bits[2], bits[3]
+    zero = np.uint8(0)
+    h, w = out.shape
+    check_saturation = saturation == saturation
+    for i in range(h):
+        m, d, r, f, o = sci_mask[i], sci[i], ref[i], inside[i], out[i]
+        for j in range(w):
+            flags = sci_bad if m[j] else zero
+            if check_saturation and d[j] >= saturation:
+                flags = saturated
+            if not f[j]:
+                flags |= no_overlap
+            elif not np.isfinite(r[j]):
+                flags |= ref_bad
+            o[j] = flags
