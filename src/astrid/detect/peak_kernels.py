@@ -17,18 +17,23 @@ import numpy as np
 def above_threshold(scorr, threshold):  # pragma: no cover (compiled)
     """Flat indices (raster order) of pixels with |S_corr| >= threshold."""
     h, w = scorr.shape
-    n = 0
+    # Count per row first (a branch-free loop that vectorises), then collect only in rows
+    # that have any.
+    per_row = np.zeros(h, np.int64)
     for y in range(h):
         row = scorr[y]
+        n = 0
         for x in range(w):
-            if row[x] >= threshold or row[x] <= -threshold:
-                n += 1
-    out = np.empty(n, np.int64)
+            n += np.abs(row[x]) >= threshold
+        per_row[y] = n
+    out = np.empty(per_row.sum(), np.int64)
     n = 0
     for y in range(h):
+        if per_row[y] == 0:
+            continue
         row = scorr[y]
         for x in range(w):
-            if row[x] >= threshold or row[x] <= -threshold:
+            if np.abs(row[x]) >= threshold:
                 out[n] = y * w + x
                 n += 1
     return out
