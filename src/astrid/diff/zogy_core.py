@@ -29,7 +29,7 @@ from scipy import fft as sfft
 from threadpoolctl import ThreadpoolController
 
 from astrid.diff.zogy_fused import (
-    bad_pixel_map,
+    bad_pixel_scan,
     finish_tile,
     finish_variance,
     flag_non_finite,
@@ -386,7 +386,6 @@ def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
 
 
 _DILATE_BAND_PX = 1024
-_NO_PIXELS = np.zeros((0, 0), bool)  # "no bad pixels" for the compiled passes
 
 
 def _dilate_axis(flags: np.ndarray, r: int, axis: int) -> np.ndarray:
@@ -443,12 +442,14 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
     in_mask = np.zeros((h, w), np.uint8) if mask is None else np.asarray(mask, np.uint8)
     # Non-finite pixels the mask does not flag yet get flagged (prepare_pair flags them all
     # already, so this is one compiled pass that finds none).
-    bad = np.empty((h, w), bool)
-    if bad_pixel_map(in_mask, np.uint8(MASK_BAD_ANY), sci, ref, bad):
+    bad_bits = np.uint8(MASK_BAD_ANY)
+    any_bad, unflagged = bad_pixel_scan(in_mask, bad_bits, sci, ref)
+    if unflagged:
         in_mask = in_mask.copy()
-        flag_non_finite(in_mask, np.uint8(MASK_BAD_ANY), sci, np.uint8(MASK_SCI_BAD))
-        flag_non_finite(in_mask, np.uint8(MASK_BAD_ANY), ref, np.uint8(MASK_REF_BAD))
-    any_bad = bool(bad.any())
+        flag_non_finite(in_mask, bad_bits, sci, np.uint8(MASK_SCI_BAD))
+        flag_non_finite(in_mask, bad_bits, ref, np.uint8(MASK_REF_BAD))
+    # From here on a pixel is bad exactly where ``in_mask & bad_bits``: no full-size bad map
+    # is kept (16 MB at 4096^2, at the peak of the run's memory).
 
     def tile_inputs(sl):
         """Tile copies of the inputs with bad pixels zeroed in the data and the variance.
@@ -459,7 +460,7 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         r, n = np.array(ref[sl], np.float32), np.array(sci[sl], np.float32)
         vr, vn = _tile_copy(var_ref, sl), _tile_copy(var_sci, sl)
         if any_bad:
-            b = bad[sl]
+            b = (in_mask[sl] & bad_bits) != 0
             if b.any():
                 if vr is None:
                     vr = np.full(r.shape, np.float32(_tile_value(sigma_ref, sl) ** 2))
@@ -503,7 +504,8 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
         # Bad pixels become NaN in all three outputs.
         finish_tile(tile.diff[inner], tile.score[inner], tile.var_score[inner],
-                    bad[out] if any_bad else _NO_PIXELS, np.float32(flux_ratio / tile.flux_zp_score),
+                    in_mask[out], bad_bits if any_bad else np.uint8(0),
+                    np.float32(flux_ratio / tile.flux_zp_score),
                     diff[out], scorr[out], flux_err[out])
         return tile.kernel_radius_px, tile.flux_zp_score, tile.flux_zp_diff
 
@@ -536,7 +538,6 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
             zp_center = (zp_score, zp_diff)
 
-    bad = None  # freed before the dilation below: one full-size map less at the peak
     # Every bad bit dilated by the kernel footprint at once: a box OR over the uint8 flags.
     out_mask = dilate(in_mask & np.uint8(MASK_BAD_ANY), radius)
     border = max(radius, 1)

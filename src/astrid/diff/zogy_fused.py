@@ -96,12 +96,11 @@ def finish_variance(var, score, score_sci, floor, sx, sy):  # pragma: no cover (
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def finish_tile(diff, score, var, bad, to_sci, diff_out, scorr_out,
+def finish_tile(diff, score, var, flags, bad_bits, to_sci, diff_out, scorr_out,
                 err_out):  # pragma: no cover (compiled)
     """A tile's interior into the outputs: D, S_corr = S / sqrt(V(S)) and the flux error
-    sqrt(V(S)) * to_sci, NaN in all three where ``bad`` (a (0, 0) ``bad``: none)."""
+    sqrt(V(S)) * to_sci, NaN in all three where ``flags & bad_bits`` (0: nowhere)."""
     h, w = score.shape
-    check = bad.shape[0] > 0
     nan = np.float32(np.nan)
     for i in range(h):
         d, s, v = diff[i], score[i], var[i]
@@ -111,29 +110,29 @@ def finish_tile(diff, score, var, bad, to_sci, diff_out, scorr_out,
             do[j] = d[j]
             c[j] = s[j] / std
             e[j] = std * to_sci
-        if check:
-            b = bad[i]
+        if bad_bits:
+            f = flags[i]
             for j in range(w):
-                if b[j]:
+                if f[j] & bad_bits:
                     do[j] = nan
                     c[j] = nan
                     e[j] = nan
 
 
 @numba.njit(cache=True, nogil=True)
-def bad_pixel_map(mask, bits, sci, ref, out):  # pragma: no cover (compiled)
-    """``out`` = pixel flagged with ``bits`` or not finite in ``sci`` or ``ref``; returns
-    whether any non-finite pixel was not flagged."""
+def bad_pixel_scan(mask, bits, sci, ref):  # pragma: no cover (compiled)
+    """(whether any pixel is flagged with ``bits`` or not finite in ``sci`` or ``ref``,
+    whether any non-finite pixel is not flagged)."""
     h, w = mask.shape
-    unflagged = False
+    bad, unflagged = False, False
     for i in range(h):
-        m, s, r, o = mask[i], sci[i], ref[i], out[i]
+        m, s, r = mask[i], sci[i], ref[i]
         for j in range(w):
             flagged = (m[j] & bits) != 0
             finite = np.isfinite(s[j]) and np.isfinite(r[j])
-            o[j] = flagged or not finite
+            bad |= flagged or not finite
             unflagged |= not (flagged or finite)
-    return unflagged
+    return bad, unflagged
 
 
 @numba.njit(cache=True, nogil=True)
