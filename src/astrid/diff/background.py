@@ -72,18 +72,22 @@ def bad_pixels(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Bool mask of pixels that are flagged or not finite."""
     bad = ~np.isfinite(data)
     if mask is not None:
-        if mask.shape != data.shape:
-            raise AstridError(f"mask shape {mask.shape} differs from image shape {data.shape}")
+        check_mask_shape(mask, data.shape)
         bad |= mask.astype(bool)
     return bad
+
+
+def check_mask_shape(mask: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    """A clear error when a mask does not have its image's shape."""
+    if mask is not None and np.shape(mask) != tuple(shape):
+        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {tuple(shape)}")
 
 
 def nan_at_bad(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """``data`` with NaN at flagged and non-finite pixels: ``data`` itself where it already is
     so (background-subtracted images are), found in one compiled pass; a copy otherwise."""
     data = np.asarray(data, np.float32)
-    if mask is not None and mask.shape != data.shape:
-        raise AstridError(f"mask shape {mask.shape} differs from image shape {data.shape}")
+    check_mask_shape(mask, data.shape)
     flags = np.zeros((0, 0), bool) if mask is None else np.asarray(mask)
     if not _needs_nan(data, flags):
         return data

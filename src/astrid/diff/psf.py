@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import fft, optimize
 from scipy.spatial import cKDTree
 
-from astrid.diff.background import bad_pixels
+from astrid.diff.background import bad_pixels, check_mask_shape
 from astrid.diff.stars import find_stars
 from astrid.errors import AstridError
 
@@ -98,8 +98,7 @@ def measure_psf(data_bkgsub: np.ndarray, rms: np.ndarray | float, mask: np.ndarr
     size_px = int(size_px) | 1
     half = size_px // 2
     height, width = data.shape
-    if mask is not None and np.shape(mask) != data.shape:
-        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {data.shape}")
+    check_mask_shape(mask, data.shape)
     rms_map = np.broadcast_to(np.asarray(rms, dtype=np.float32), data.shape)
     # Cutouts are taken straight from the image (NaN at flagged and non-finite pixels and
     # beyond the edges): no padded, masked or bad-pixel full-size maps.
@@ -192,8 +191,7 @@ def psf_photometry(data_bkgsub: np.ndarray, rms: np.ndarray | float, model: PSFM
     x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
     size_px = model.size_px
     half = size_px // 2
-    if mask is not None and np.shape(mask) != data.shape:
-        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {data.shape}")
+    check_mask_shape(mask, data.shape)
     height, width = data.shape
     rx, ry = np.rint(np.nan_to_num(x, nan=-1.0)), np.rint(np.nan_to_num(y, nan=-1.0))
     off_image = (rx < 0) | (ry < 0) | (rx > width - 1) | (ry > height - 1)
@@ -287,7 +285,8 @@ class _Image:
 
 def _cutouts(image: _Image, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
     """(N, S, S) float32 cutouts centred on integer pixels (ix, iy); NaN at bad and
-    non-finite pixels and beyond the image edges (only the stamps are gathered, never a padded copy of the image)."""
+    non-finite pixels and beyond the image edges (only the stamps are gathered, never a
+    padded copy of the image)."""
     data = image.data
     height, width = data.shape
     offsets = np.arange(-half, half + 1)

@@ -14,7 +14,8 @@ R-hat and N-hat are taken once per tile, the kernels k_r, k_n are built in Fouri
 small grid (they are compact) and their squares transformed once; the element-wise work
 between the FFTs is done in compiled passes (:mod:`astrid.diff.zogy_fused`). Masked pixels
 are zeroed in both the data and the variance maps before the FFT, which keeps S_corr a
-unit-variance statistic next to them; the kernel footprint around them is flagged in the output mask.
+unit-variance statistic next to them; the kernel footprint around them is flagged in the
+output mask.
 """
 
 from __future__ import annotations
