@@ -247,7 +247,7 @@ def test_half_precision_bits_equal_numpys_rounding():
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_source_threshold_pass_equals_the_numpy_box_mean(parallel):
-    from astrid.diff.background import _smoothed_above
+    from astrid.diff.sky_mesh import smoothed_above
 
     rng = np.random.default_rng(5)
     residual = rng.normal(0, 1, (150, 97)).astype(np.float32)
@@ -256,6 +256,6 @@ def test_source_threshold_pass_equals_the_numpy_box_mean(parallel):
     rows = p[:-2] + p[1:-1] + p[2:]
     box = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
     out = np.empty(residual.shape, bool)
-    _smoothed_above(residual, sigma, np.float32(2.5 / 3.0), out, parallel)
+    smoothed_above(residual, sigma, np.float32(2.5 / 3.0), out, parallel)
     np.testing.assert_array_equal(out, box > np.float32(2.5 / 3.0) * sigma)
     assert 0 < out.sum() < out.size

@@ -124,6 +124,35 @@ def test_no_stars_is_a_user_error():
         measure_psf(noise, SIGMA_ADU)
 
 
+def test_mask_of_the_wrong_shape_is_a_user_error():
+    # The mask is read at the stamps only, so its shape is checked up front.
+    xy, flux = random_stars(60, seed=4)
+    image = render(xy, flux, seed=5)
+    model = measure_psf(image, SIGMA_ADU)
+    wrong = np.zeros((100, 100), bool)
+    with pytest.raises(AstridError, match=r"mask shape \(100, 100\) differs from image shape"):
+        measure_psf(image, SIGMA_ADU, wrong)
+    with pytest.raises(AstridError, match="differs from image shape"):
+        psf_photometry(image, SIGMA_ADU, model, xy[:, 0], xy[:, 1], mask=wrong)
+
+
+def test_masked_and_non_finite_pixels_carry_no_weight_in_psf_photometry():
+    xy, flux = random_stars(40, seed=6)
+    image = render(xy, flux, seed=7)
+    model = measure_psf(image, SIGMA_ADU)
+    clean, _ = psf_photometry(image, SIGMA_ADU, model, xy[:, 0], xy[:, 1])
+    # Spoil the core of star 0 with a huge value under the mask, of star 1 with NaN.
+    (x0, y0), (x1, y1) = np.rint(xy[:2]).astype(int)
+    spoiled = image.copy()
+    spoiled[y0, x0], spoiled[y1, x1] = 1e7, np.nan
+    mask = np.zeros(image.shape, np.uint8)
+    mask[y0, x0] = 4  # flags, not a bool map
+    fitted, _ = psf_photometry(spoiled, SIGMA_ADU, model, xy[:2, 0], xy[:2, 1], mask=mask)
+    assert np.allclose(fitted, clean[:2], rtol=0.05)
+    unmasked, _ = psf_photometry(spoiled, SIGMA_ADU, model, xy[:1, 0], xy[:1, 1])
+    assert unmasked[0] > 10 * clean[0]  # the same pixel unmasked does count
+
+
 def test_psf_photometry_recovers_fluxes_with_honest_errors():
     xy, flux = random_stars(150, seed=9)
     flux = 10 ** np.random.default_rng(11).uniform(2.8, 5.0, len(xy))

@@ -53,21 +53,6 @@ def sep_array(a: np.ndarray, dtype=np.float32) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def bin_sum(image: np.ndarray, step: int) -> np.ndarray:
-    """Sums over ``step`` x ``step`` blocks (a partial block at the far edges is dropped).
-
-    Sums of strided slices: several times faster than ``reshape(...).sum(axis=(1, 3))``, whose
-    reduction over non-adjacent axes numpy does slowly. Booleans are counted (float32).
-    """
-    h, w = (n // step * step for n in image.shape)
-    out = np.array(image[0:h:step, 0:w:step], dtype=np.result_type(image.dtype, np.float32))
-    for i in range(step):
-        for j in range(step):
-            if i or j:
-                out += image[i:h:step, j:w:step]
-    return out
-
-
 def bad_pixels(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Bool mask of pixels that are flagged or not finite."""
     bad = ~np.isfinite(data)
@@ -217,8 +202,7 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_
     data = np.asarray(data, np.float32)
     if data.ndim != 2:
         raise AstridError(f"background needs a 2-D image, got shape {data.shape}")
-    if mask is not None and np.shape(mask) != data.shape:
-        raise AstridError(f"mask shape {np.shape(mask)} differs from image shape {data.shape}")
+    check_mask_shape(mask, data.shape)
     step = int(subsample) if subsample else (2 if min(data.shape) >= 1024 else 1)
     sampled = data[::step, ::step]
     small_bad = ~np.isfinite(sampled)
@@ -242,8 +226,8 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_
     # Smoothing by a 3x3 box divides white noise by 3, so one-pixel noise spikes rarely pass
     # the threshold while the cores and wings of real sources do.
     sources = np.empty(residual.shape, bool)
-    _smoothed_above(residual, sky_mesh.evaluate(sigma, sigma_d2, rows, cols),
-                    np.float32(source_thresh_sigma / 3.0), sources, parallel)
+    sky_mesh.smoothed_above(residual, sky_mesh.evaluate(sigma, sigma_d2, rows, cols),
+                            np.float32(source_thresh_sigma / 3.0), sources, parallel)
     sources &= ~small_bad
     sources = _open_2x2(sources)
     grow = int(np.ceil(dilate_px / step))
@@ -274,41 +258,6 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_
     return BackgroundMesh(level=level, sigma=sigma, level_d2=level_d2, sigma_d2=sigma_d2,
                           box=box, step=step, sigma_adu=sigma_adu,
                           level_median=float(np.median(level_s)), sources=sources)
-
-
-def _smoothed_above(residual: np.ndarray, sigma: np.ndarray, k: np.float32, out: np.ndarray,
-                    parallel: bool = False) -> None:
-    """``out`` = the 3x3 box mean of ``residual`` (edges replicated) > ``k * sigma``, in one
-    compiled pass (on all cores with ``parallel``, from one Python thread at a time)."""
-    if parallel:
-        _smoothed_above_parallel(residual, sigma, k, out)
-    else:
-        _smoothed_above_rows(residual, sigma, k, out, 0, residual.shape[0])
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _smoothed_above_parallel(residual, sigma, k, out):  # pragma: no cover (compiled)
-    n_tasks = (residual.shape[0] + 63) // 64
-    for t in numba.prange(n_tasks):
-        _smoothed_above_rows(residual, sigma, k, out, t * 64,
-                             min(residual.shape[0], (t + 1) * 64))
-
-
-@numba.njit(cache=True, nogil=True)
-def _smoothed_above_rows(residual, sigma, k, out, y0, y1):  # pragma: no cover (compiled)
-    """Rows ``y0:y1`` of :func:`_smoothed_above`: the 3x3 box mean with edges replicated,
-    three rows summed first, then three columns, in float32."""
-    h, w = residual.shape
-    ninth = np.float32(1.0 / 9.0)
-    column = np.empty(w + 2, np.float32)  # the three-row sums, edge columns replicated
-    for y in range(y0, y1):
-        up, mid, down = residual[max(y - 1, 0)], residual[y], residual[min(y + 1, h - 1)]
-        for x in range(w):
-            column[x + 1] = up[x] + mid[x] + down[x]
-        column[0], column[w + 1] = column[1], column[w]
-        s, o = sigma[y], out[y]
-        for x in range(w):
-            o[x] = (column[x] + column[x + 1] + column[x + 2]) * ninth > k * s[x]
 
 
 def _open_2x2(mask: np.ndarray) -> np.ndarray:

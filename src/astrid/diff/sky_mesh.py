@@ -407,3 +407,39 @@ def _subtract_rows(image, mask, level, level_d2, sigma, sigma_d2, rows, cols, ou
             for c in range(cols.size):
                 x = v[c] - row[c]
                 o[c] = x if x - x == 0 else nan
+
+
+def smoothed_above(residual: np.ndarray, sigma: np.ndarray, k: np.float32, out: np.ndarray,
+                   parallel: bool = False) -> None:
+    """``out`` = the 3x3 box mean of ``residual`` (edges replicated) > ``k * sigma``, in one
+    compiled pass (the first pass's source mask; ``parallel`` as for
+    :func:`mesh_statistics`)."""
+    if parallel:
+        _smoothed_above_parallel(residual, sigma, k, out)
+    else:
+        _smoothed_above_rows(residual, sigma, k, out, 0, residual.shape[0])
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _smoothed_above_parallel(residual, sigma, k, out):  # pragma: no cover (compiled)
+    n_tasks = (residual.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for t in numba.prange(n_tasks):
+        _smoothed_above_rows(residual, sigma, k, out, t * _ROWS_PER_TASK,
+                             min(residual.shape[0], (t + 1) * _ROWS_PER_TASK))
+
+
+@numba.njit(cache=True, nogil=True)
+def _smoothed_above_rows(residual, sigma, k, out, y0, y1):  # pragma: no cover (compiled)
+    """Rows ``y0:y1`` of :func:`smoothed_above`: the 3x3 box mean with edges replicated,
+    three rows summed first, then three columns, in float32."""
+    h, w = residual.shape
+    ninth = np.float32(1.0 / 9.0)
+    column = np.empty(w + 2, np.float32)  # the three-row sums, edge columns replicated
+    for y in range(y0, y1):
+        up, mid, down = residual[max(y - 1, 0)], residual[y], residual[min(y + 1, h - 1)]
+        for x in range(w):
+            column[x + 1] = up[x] + mid[x] + down[x]
+        column[0], column[w + 1] = column[1], column[w]
+        s, o = sigma[y], out[y]
+        for x in range(w):
+            o[x] = (column[x] + column[x + 1] + column[x + 2]) * ninth > k * s[x]
