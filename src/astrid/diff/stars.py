@@ -139,12 +139,19 @@ def sep_extract(data: np.ndarray, thresh: float, **kwargs) -> np.ndarray:
 
     sep allocates its whole stack on every call (~40 ms per million pixels, most of the cost
     of finding stars on a 2048^2 frame at the 3-million size crowded 4k frames need), so the
-    default size is tried first. Other failures become an AstridError.
+    default size is tried first. Other failures become an AstridError. Without ``err`` or
+    ``var`` the extraction runs with the GIL released (:mod:`astrid.diff.sep_nogil`), so the
+    other image's work goes on beside it.
     """
+    from astrid.diff import sep_nogil
+
+    extract = sep.extract
+    if sep_nogil.available() and not {"err", "var"} & kwargs.keys():
+        extract = sep_nogil.extract
     for pixstack in _PIXSTACKS:
         sep.set_extract_pixstack(pixstack)
         try:
-            return sep.extract(data, thresh, **kwargs)
+            return extract(data, thresh, **kwargs)
         except Exception as exc:  # sep signals overflows with a bare Exception
             if "pixel buffer full" not in str(exc) or pixstack == _PIXSTACKS[-1]:
                 raise AstridError(f"source extraction failed: {exc}") from exc
