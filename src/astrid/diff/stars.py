@@ -15,6 +15,7 @@ import pandas as pd
 import sep
 from scipy.spatial import cKDTree
 
+from astrid.diff import sep_nogil
 from astrid.diff.background import bad_pixels, sep_array
 from astrid.errors import AstridError
 
@@ -108,7 +109,7 @@ def find_stars(data: np.ndarray, rms: np.ndarray | float, mask: np.ndarray | Non
     sig = np.clip(fwhm_px, 1.0, 4.0 * median_fwhm) / 2.355
     # 5x5 sub-pixels at the window's edge (sep's default is SExtractor's 11x11): the same
     # centroids to 1e-5 px on simulated stars, at a third of the cost.
-    x, y, wflag = sep.winpos(work, x0, y0, sig, mask=bad_u8, subpix=5)
+    x, y, wflag = sep_nogil.winpos(work, x0, y0, sig, mask=bad_u8, subpix=5)
     moved = (wflag != 0) | ~np.isfinite(x) | ~np.isfinite(y) | (np.hypot(x - x0, y - y0) > 2.0)
     x, y = np.where(moved, x0, x), np.where(moved, y0, y)
 
@@ -140,14 +141,9 @@ def sep_extract(data: np.ndarray, thresh: float, **kwargs) -> np.ndarray:
     sep allocates its whole stack on every call (~40 ms per million pixels, most of the cost
     of finding stars on a 2048^2 frame at the 3-million size crowded 4k frames need), so the
     default size is tried first. Other failures become an AstridError. Without ``err`` or
-    ``var`` the extraction runs with the GIL released (:mod:`astrid.diff.sep_nogil`), so the
-    other image's work goes on beside it.
+    ``var`` the extraction runs with the GIL released (:mod:`astrid.diff.sep_nogil`).
     """
-    from astrid.diff import sep_nogil
-
-    extract = sep.extract
-    if sep_nogil.available() and not {"err", "var"} & kwargs.keys():
-        extract = sep_nogil.extract
+    extract = sep.extract if {"err", "var"} & kwargs.keys() else sep_nogil.extract
     for pixstack in _PIXSTACKS:
         sep.set_extract_pixstack(pixstack)
         try:
@@ -210,8 +206,8 @@ def _sum_circle(work: np.ndarray, err: np.ndarray, bad_u8: np.ndarray, x: np.nda
                 y: np.ndarray, radius_px: float, gain: float | None = None):
     if x.size == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0, bool)
-    flux, flux_err, flag = sep.sum_circle(work, x, y, radius_px, err=err, mask=bad_u8,
-                                          gain=gain, subpix=5)
+    flux, flux_err, flag = sep_nogil.sum_circle(work, x, y, radius_px, err=err, mask=bad_u8,
+                                                gain=gain, subpix=5)
     flag_masked = (flag & (sep.APER_HASMASKED | sep.APER_TRUNC)) != 0
     return flux, flux_err, flag_masked
 
