@@ -289,3 +289,33 @@ def test_reference_holes_are_bad_reference_pixels_and_beyond_its_frame_no_overla
     margin = (rx < 20) | (ry < 20) | (rx > rw - 21) | (ry > rh - 21)
     flagged = (result.mask[yy, xx] & MASK_NO_OVERLAP) != 0
     assert outside.any() and (flagged[outside]).all() and not flagged[~outside & ~margin].any()
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_both_schedules_give_one_result_and_name_the_image_a_warning_is_about(
+        clean_runs, monkeypatch, side_by_side):
+    """Small frames prepare both images side by side, large ones one background at a time with
+    the science PSF beside the reference's star finding: the same result either way, and a
+    warning from either thread names its own image."""
+    from astrid.diff import high_level
+
+    pair, expected, _ = clean_runs[0]
+    ref_hdu, sci_hdu = as_hdus(pair)
+    # A noisy reference keeps too few stars at S/N >= 10 for an empirical PSF.
+    noisy = pair.ref.data + np.random.default_rng(0).normal(0, 2 * np.std(pair.ref.data[:50]),
+                                                            pair.ref.data.shape)
+    if not side_by_side:
+        monkeypatch.setattr(high_level, "_SIDE_BY_SIDE_MAX_PIXELS", 0)
+    result = zogy(ref_hdu, sci_hdu)
+    np.testing.assert_array_equal(result.scorr, expected.scorr)
+    for name in ("reference", "science"):
+        ref_in, sci_in = ref_hdu, sci_hdu
+        if name == "reference":
+            ref_in = fits.PrimaryHDU(noisy.astype(np.float32), pair.ref.header)
+        else:
+            sci_in = fits.PrimaryHDU(noisy.astype(np.float32), pair.sci.header)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            zogy(ref_in, sci_in)
+        psf_warnings = [str(w.message) for w in caught if "good PSF stars" in str(w.message)]
+        assert psf_warnings and all(m.startswith(f"{name}: ") for m in psf_warnings), name

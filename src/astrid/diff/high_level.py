@@ -9,6 +9,7 @@ PSFs, flux ratio) and return a :class:`DiffResult` on the science pixel grid.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -276,26 +277,39 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         subtracted = background(img, name)
         return subtracted, stars_of(img, name, subtracted)
 
-    if side_by_side:
-        # The two images side by side: the backgrounds run without the GIL, so they overlap
-        # fully, and one image's star finding (sep holds the GIL) overlaps the other's
-        # background.
-        (sci_bkg, sci_stars), (ref_bkg, ref_stars_native) = _side_by_side(
-            partial(background_and_stars, sci_img, sci_name),
-            partial(background_and_stars, ref_img, ref_name))
-    else:
-        # One background at a time, on all cores (numba's threads, launched from one Python
-        # thread at a time); the science image's star finding overlaps the reference's.
-        sci_bkg = background(sci_img, sci_name)
-        sci_stars, ref_bkg = _side_by_side(partial(stars_of, sci_img, sci_name, sci_bkg),
-                                           partial(background, ref_img, ref_name))
-        ref_stars_native = stars_of(ref_img, ref_name, ref_bkg)
-    (sci, rms_sci, sigma_sci, sat_sci), (ref_native, rms_ref, sigma_ref, _) = sci_bkg, ref_bkg
+    def science_psf(subtracted, stars):
+        if len(stars) == 0:
+            raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
+                                           "flux ratio)")
+        data, rms, _, saturation = subtracted
+        return _measured_psf(sci_name, data, rms, sci_img.mask, settings, stars, saturation)
+
+    # The science PSF needs only the science image and its stars, so it is measured while the
+    # reference's stars are still being found: the PSF stacks and fits hold the GIL much of the
+    # time, star finding hardly at all (sep runs without it, see sep_nogil).
+    with _warnings_by_image(sci_name, ref_name):
+        if side_by_side:
+            # The two images side by side: the backgrounds run without the GIL, so they overlap
+            # fully, and so does the star finding.
+            def science_job():
+                subtracted, stars = background_and_stars(sci_img, sci_name)
+                return subtracted, stars, science_psf(subtracted, stars)
+
+            (sci_bkg, sci_stars, psf_sci), (ref_bkg, ref_stars_native) = _side_by_side(
+                science_job, partial(background_and_stars, ref_img, ref_name))
+        else:
+            # One background at a time, on all cores (numba's threads, launched from one Python
+            # thread at a time); the science image's star finding overlaps the reference's
+            # background, its PSF the reference's star finding.
+            sci_bkg = background(sci_img, sci_name)
+            sci_stars, ref_bkg = _side_by_side(partial(stars_of, sci_img, sci_name, sci_bkg),
+                                               partial(background, ref_img, ref_name))
+            psf_sci, ref_stars_native = _side_by_side(
+                partial(science_psf, sci_bkg, sci_stars),
+                partial(stars_of, ref_img, ref_name, ref_bkg))
+    (sci, rms_sci, sigma_sci, _), (ref_native, rms_ref, sigma_ref, _) = sci_bkg, ref_bkg
     del sci_bkg, ref_bkg
-    timer.lap("background+stars")
-    if len(sci_stars) == 0:
-        raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
-                                       "flux ratio)")
+    timer.lap("background+stars+psf_sci")
     with _blame(ref_name):
         alignment = align_reference(
             ref_native, ref_img.wcs, sci.shape, sci_img.wcs, ref_mask=ref_img.mask,
@@ -338,22 +352,9 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         raise InputFileError(ref_name, "no stars detected in the overlap with the science image")
     timer.lap("stars")
 
-    # Both PSFs side by side: their FFTs, sorts and fits release the GIL for much of the time.
-    # catch_warnings is process-wide, so it is entered once here and each warning is
-    # attributed to its image by the thread that issued it.
-    caught = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, category, *_: caught.append(
-            (threading.get_ident(), message, category))
-        psf_sci, psf_ref = _side_by_side(
-            partial(_measured_psf, sci_name, sci, rms_sci, sci_img.mask, settings, sci_stars,
-                    sat_sci),
-            partial(_measured_psf, ref_name, ref, sigma_ref, None, settings, ref_stars))
-    for ident, message, category in caught:
-        name = sci_name if ident == threading.get_ident() else ref_name
-        warnings.warn(f"{name}: {message}", category, stacklevel=2)
-    timer.lap("psf")
+    with _warnings_by_image(ref_name, ref_name):
+        psf_ref = _measured_psf(ref_name, ref, sigma_ref, None, settings, ref_stars)
+    timer.lap("psf_ref")
 
     good_sci, good_ref = good_stars(sci_stars), good_stars(ref_stars)
     match_px = max(2.0, 3.0 * float(getattr(alignment, "rms_px", 0.0) or 0.0))
@@ -403,6 +404,29 @@ def _side_by_side(sci_job, ref_job, parallel: bool = True):
     with ThreadPoolExecutor(max_workers=1) as pool:
         ref_future = pool.submit(ref_job)
         return sci_job(), ref_future.result()
+
+
+@contextlib.contextmanager
+def _warnings_by_image(main_name: str, helper_name: str):
+    """Warnings issued inside, re-issued after it with the image they concern: ``main_name``
+    for those from this thread, ``helper_name`` for those from a helper thread.
+
+    ``catch_warnings`` is process-wide, so it is entered once, here, around both threads' work,
+    and each warning is attributed by the thread that issued it.
+    """
+    caught = []
+    main = threading.get_ident()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, category, *_: caught.append(
+                (threading.get_ident(), message, category))
+            yield
+    finally:
+        for ident, message, category in caught:
+            name = main_name if ident == main else helper_name
+            # stacklevel: past contextlib and prepare_pair, to prepare_pair's caller
+            warnings.warn(f"{name}: {message}", category, stacklevel=4)
 
 
 def _measured_psf(name: str, data, rms, mask, settings: DiffSettings, stars,
