@@ -17,7 +17,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 
 import numpy as np
@@ -518,6 +518,18 @@ class _blame:
 # Entry points
 
 
+def _one_blas_thread(func):
+    """``func`` run with BLAS on one thread (see :func:`astrid.diff.zogy_core.one_blas_thread`)."""
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        from astrid.diff.zogy_core import one_blas_thread
+
+        with one_blas_thread():
+            return func(*args, **kwargs)
+    return wrapper
+
+
+@_one_blas_thread
 def zogy(reference, science, *, settings: DiffSettings | None = None) -> DiffResult:
     """ZOGY difference and S_corr of two images, on the science pixel grid.
 
@@ -555,6 +567,7 @@ def zogy(reference, science, *, settings: DiffSettings | None = None) -> DiffRes
                           "kernel_radius_px": images.kernel_radius_px})
 
 
+@_one_blas_thread
 def gaussian_baseline(reference, science, *, settings: DiffSettings | None = None) -> DiffResult:
     """The old Gaussian-blur difference, with the same inputs and result as :func:`zogy`.
 
@@ -665,6 +678,7 @@ def _scaled_in_place(ref: np.ndarray, ratio: float) -> np.ndarray:
     return ref
 
 
+@_one_blas_thread
 def difference(reference, science, *, diff_settings: DiffSettings | None = None,
                detect_settings: DetectSettings | None = None) -> tuple[DiffResult, pd.DataFrame]:
     """Difference (method from ``diff_settings.method``) plus candidate detection.
