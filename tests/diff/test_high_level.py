@@ -319,3 +319,24 @@ def test_both_schedules_give_one_result_and_name_the_image_a_warning_is_about(
             zogy(ref_in, sci_in)
         psf_warnings = [str(w.message) for w in caught if "good PSF stars" in str(w.message)]
         assert psf_warnings and all(m.startswith(f"{name}: ") for m in psf_warnings), name
+
+
+def test_differencing_runs_blas_on_one_thread_and_restores_it(clean_runs, monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from astrid.diff import align
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen, warp = [], align._warp
+
+    def spying_warp(*args, **kwargs):
+        seen.append(blas_threads())
+        return warp(*args, **kwargs)
+
+    monkeypatch.setattr(align, "_warp", spying_warp)
+    with threadpool_limits(2, "blas"):
+        zogy(*as_hdus(clean_runs[0][0]))
+        assert blas_threads() == {2}
+    assert seen == [{1}]
