@@ -212,6 +212,20 @@ def test_lazy_variance_tile_equals_the_variance_map(rms, gain):
         np.testing.assert_allclose(stamp, expected[y - 4:y + 5, x - 4:x + 5], rtol=1e-6)
 
 
+@pytest.mark.parametrize("units", [1e-9, 1.0, 1e6])
+def test_lazy_variance_keeps_rms_maps_far_outside_half_precisions_range(units):
+    # Images in physical flux units (1e-9) or in millions of ADU: half precision alone would
+    # flush such an RMS map to 0 or infinity.
+    from astrid.diff.background import LazyVariance
+
+    rng = np.random.default_rng(5)
+    data = (rng.normal(0, 10, (200, 180)) * units).astype(np.float32)
+    rms = ((rng.random(data.shape) * 3 + 8) * units).astype(np.float32)
+    lazy = LazyVariance(data, rms, 2.0 / units, np.zeros(data.shape, np.uint8), 1)
+    # Half precision's 11 bits: the variance to 2 x 2^-11 of the RMS's square.
+    np.testing.assert_allclose(lazy[:, :], variance_map(data, rms, 2.0 / units), rtol=1e-3)
+
+
 def test_nan_at_bad_copies_only_when_a_flagged_pixel_holds_a_number():
     from astrid.diff.background import nan_at_bad
 

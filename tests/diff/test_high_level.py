@@ -340,3 +340,23 @@ def test_differencing_runs_blas_on_one_thread_and_restores_it(clean_runs, monkey
         zogy(*as_hdus(clean_runs[0][0]))
         assert blas_threads() == {2}
     assert seen == [{1}]
+
+
+def test_images_in_flux_units_difference_as_in_adu_and_unusable_scales_are_named(clean_runs):
+    """Flux-calibrated images (noise ~1e-8) give the same result as the ADU originals; noise
+    beyond what single precision holds is a one-line error naming the image."""
+    pair = clean_runs[0][0]
+
+    def scaled(image, factor):
+        header = image.header.copy()
+        for key in ("GAIN", "SATURATE"):
+            header.remove(key, ignore_missing=True)
+        return fits.PrimaryHDU((image.data * factor).astype(np.float32), header)
+
+    adu = zogy(scaled(pair.ref, 1.0), scaled(pair.sci, 1.0)).quality
+    flux = zogy(scaled(pair.ref, 1e-9), scaled(pair.sci, 1e-9)).quality
+    for key in ("noise_ratio", "star_residual_chi2", "flux_ratio"):
+        assert flux[key] == pytest.approx(adu[key], rel=1e-3), key
+    assert flux["sigma_sci_adu"] == pytest.approx(1e-9 * adu["sigma_sci_adu"], rel=1e-3)
+    with pytest.raises(InputFileError, match="reference: background noise .* rescale"):
+        zogy(scaled(pair.ref, 1e-12), scaled(pair.sci, 1.0))

@@ -334,11 +334,17 @@ class LazyVariance:
         self.inv_gain = np.float32(1.0 / gain if gain is not None and gain > 0 else 0.0)
         # The compiled passes read the RMS as codes into a table (numba has no float16):
         # the bits of the half-precision map, or code 0 everywhere for a scalar.
-        if np.ndim(rms):
-            rms = np.asarray(rms)
-            self.rms_codes = rms.view(np.uint16) if rms.dtype == np.float16 \
-                else _half_bits(np.ascontiguousarray(rms, np.float32))
-            self.rms_table = _HALF_TO_SINGLE
+        if np.ndim(rms) and np.asarray(rms).dtype == np.float16:
+            self.rms_codes, self.rms_table = np.asarray(rms).view(np.uint16), _HALF_TO_SINGLE
+        elif np.ndim(rms):
+            # Half precision spans 6e-5 to 65504: a map outside that (images in physical flux
+            # units, or in the millions of ADU) is stored divided by a power of two, which the
+            # table multiplies back (both exact).
+            rms = np.ascontiguousarray(rms, np.float32)
+            scale = _half_range_scale(rms)
+            self.rms_codes = _half_bits(rms if scale == 1 else rms / scale)
+            with np.errstate(invalid="ignore"):  # the table's signalling NaNs stay NaN
+                self.rms_table = _HALF_TO_SINGLE if scale == 1 else _HALF_TO_SINGLE * scale
         else:
             self.rms_codes = np.broadcast_to(np.uint16(0), data.shape)  # stride 0: no memory
             self.rms_table = np.array([rms], np.float32)
@@ -363,6 +369,17 @@ class LazyVariance:
                            self.inv_gain, self.mask[window], self.bad_bits,
                            out[k * size:(k + 1) * size])
         return out.reshape(n, size, size)
+
+
+def _half_range_scale(rms: np.ndarray) -> np.float32:
+    """1, or the power of two near the map's median RMS when that lies outside 2^-6 .. 2^10
+    (where half precision keeps the whole map, its faint and bright ends included)."""
+    sample = rms[::16, ::16]
+    sample = sample[np.isfinite(sample) & (sample > 0)]
+    if sample.size == 0:
+        return np.float32(1.0)
+    exponent = int(np.round(np.log2(np.median(sample))))
+    return np.float32(1.0 if -6 <= exponent <= 10 else 2.0 ** exponent)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

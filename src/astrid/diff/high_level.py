@@ -236,6 +236,11 @@ class _Timer:
 _SIDE_BY_SIDE_MAX_PIXELS = 3072 ** 2
 
 
+# Background noise (data units) that differencing handles: ZOGY fails from about 3e-11 and
+# 3e10, where the fourth power of the noise leaves single precision.
+_NOISE_RANGE = (1e-9, 1e8)
+
+
 def prepare_pair(reference, science, settings: DiffSettings | None = None) -> PreparedPair:
     """Background, alignment, PSFs, flux ratio and variance maps of a reference/science pair."""
     from astrid.diff.align import align_reference
@@ -309,6 +314,13 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
                 partial(stars_of, ref_img, ref_name, ref_bkg))
     (sci, rms_sci, sigma_sci, _), (ref_native, rms_ref, sigma_ref, _) = sci_bkg, ref_bkg
     del sci_bkg, ref_bkg
+    for name, sigma in ((sci_name, sigma_sci), (ref_name, sigma_ref)):
+        if not _NOISE_RANGE[0] <= sigma <= _NOISE_RANGE[1]:
+            # ZOGY's spectra hold the fourth power of the noise in single precision.
+            raise InputFileError(name, f"background noise {sigma:.3g} (data units) is outside "
+                                       f"{_NOISE_RANGE[0]:g} to {_NOISE_RANGE[1]:g}, where "
+                                       "single-precision differencing is reliable; rescale "
+                                       "the image")
     timer.lap("background+stars+psf_sci")
     with _blame(ref_name):
         alignment = align_reference(
