@@ -133,7 +133,7 @@ def align_reference(ref_data: np.ndarray, ref_wcs: WCS | None, sci_shape: tuple[
 
     ref_on_sci, footprint = _warp(nan_at_bad(ref_data, ref_mask), grid_x, grid_y, map_x, map_y,
                                   (height, width))
-    overlap = float(footprint.mean())
+    overlap = np.count_nonzero(footprint) / footprint.size  # a bool mean is 5x slower
     if overlap < min_overlap:
         raise AstridError(f"reference and science images overlap by only {overlap:.1%} "
                           f"of the science image (minimum {min_overlap:.0%})")
