@@ -13,25 +13,27 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def above_threshold(scorr, threshold):  # pragma: no cover (compiled)
     """Flat indices (raster order) of pixels with |S_corr| >= threshold."""
     h, w = scorr.shape
-    # Count per row first (a branch-free loop that vectorises), then collect only in rows
-    # that have any.
+    # Count per row first (a branch-free loop that vectorises), then collect each row into
+    # its slot; rows on all cores (detection runs alone, after the differencing).
     per_row = np.zeros(h, np.int64)
-    for y in range(h):
+    for y in numba.prange(h):
         row = scorr[y]
         n = 0
         for x in range(w):
             n += np.abs(row[x]) >= threshold
         per_row[y] = n
-    out = np.empty(per_row.sum(), np.int64)
-    n = 0
-    for y in range(h):
+    starts = np.zeros(h + 1, np.int64)
+    starts[1:] = np.cumsum(per_row)
+    out = np.empty(starts[h], np.int64)
+    for y in numba.prange(h):
         if per_row[y] == 0:
             continue
         row = scorr[y]
+        n = starts[y]
         for x in range(w):
             if np.abs(row[x]) >= threshold:
                 out[n] = y * w + x
