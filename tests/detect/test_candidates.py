@@ -136,3 +136,15 @@ def test_threshold_controls_detections():
     snrs = sorted(find_candidates(res, DetectSettings(threshold_sigma=3.0)).snr)[-2:]
     high = find_candidates(res, DetectSettings(threshold_sigma=(snrs[0] + snrs[1]) / 2))
     assert len(high) == 1
+
+
+def test_threshold_scan_gives_numpys_indices_in_raster_order():
+    from astrid.detect.peak_kernels import above_threshold
+
+    rng = np.random.default_rng(9)
+    scorr = rng.normal(0, 2, (301, 257)).astype(np.float32)
+    scorr[40:60] = 0  # rows with nothing above threshold
+    scorr[100, 5] = np.nan
+    for threshold in (3.0, 5.0, 50.0):
+        np.testing.assert_array_equal(above_threshold(scorr, np.float32(threshold)),
+                                      np.flatnonzero(np.abs(scorr) >= threshold))
