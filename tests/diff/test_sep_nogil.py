@@ -81,6 +81,9 @@ def test_windowed_centroids_and_apertures_are_seps():
                             sep.winpos(image, x, y, sig, mask=mask, subpix=5), strict=True):
         np.testing.assert_array_equal(ours, theirs)
         assert ours.dtype == theirs.dtype
+    for ours, theirs in zip(sep_nogil.winpos(image, x, y, 1.5, mask=mask, subpix=5),
+                            sep.winpos(image, x, y, 1.5, mask=mask, subpix=5), strict=True):
+        np.testing.assert_array_equal(ours, theirs)  # one sigma for all
     err = np.random.default_rng(5).uniform(0.8, 1.2, image.shape).astype(np.float32)
     for gain in (None, 2.0):
         kwargs = dict(err=err, mask=mask, gain=gain, subpix=5)

@@ -166,14 +166,14 @@ _MIN_WINDOW_SIGMA = 2.0 / 2.35 * 0.5
 
 def winpos(data: np.ndarray, x: np.ndarray, y: np.ndarray, sig: np.ndarray, *,
            mask: np.ndarray | None = None, subpix: int = 11):
-    """``sep.winpos(data, x, y, sig, mask=mask, subpix=subpix)``: windowed centroids
-    ``(x, y, flag)``, the same arrays."""
+    """``sep.winpos(data, x, y, sig, mask=mask, subpix=subpix)`` for 1-D ``x, y`` (``sig`` an
+    array like them, or one value): windowed centroids ``(x, y, flag)``, the same arrays."""
     lib = _library()
     if lib is None:
         return sep.winpos(data, x, y, sig, mask=mask, subpix=subpix)
     image = _image(data, mask)
     x, y = np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64)
-    sig = np.maximum(np.asarray(sig, np.float64), _MIN_WINDOW_SIGMA)
+    sig = np.broadcast_to(np.maximum(np.asarray(sig, np.float64), _MIN_WINDOW_SIGMA), x.shape)
     x_out, y_out = np.empty(x.shape), np.empty(x.shape)
     flag, status = np.empty(x.shape, np.short), np.empty(x.shape, np.intc)
     _windowed_loop(lib.windowed, ctypes.addressof(image), x, y, sig, subpix, x_out, y_out,
