@@ -335,7 +335,7 @@ def one_blas_thread():
 
     Differencing makes only small matrix products (DFT matrices, node interpolation, fits),
     which gain nothing from more threads; OpenBLAS's idle workers busy-wait after each one,
-    taking a core from the FFT and numba threads (10-20% more CPU on a 2-core machine).
+    taking a core from the FFT and numba threads (about 10% more CPU on 2 cores).
     """
     return _blas_threads().limit(limits=1, user_api="blas")
 
