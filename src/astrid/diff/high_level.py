@@ -588,7 +588,7 @@ def gaussian_baseline(reference, science, *, settings: DiffSettings | None = Non
     "S_corr". Kept as a baseline for benchmarks; see :mod:`astrid.diff.gaussian`.
     """
     from astrid.diff.gaussian import gaussian_images
-    from astrid.diff.zogy_core import MASK_BAD_ANY, MASK_EDGE, dilate
+    from astrid.diff.zogy_core import MASK_BAD_ANY, footprint_flags
 
     settings = settings or DiffSettings()
     pair = prepare_pair(reference, science, settings)
@@ -600,16 +600,8 @@ def gaussian_baseline(reference, science, *, settings: DiffSettings | None = Non
     images = gaussian_images(ref, sci, fwhm_ref_px=pair.psf_ref.fwhm_px,
                              fwhm_sci_px=pair.psf_sci.fwhm_px, flux_ratio=ratio,
                              sigma_ref=pair.sigma_ref, sigma_sci=pair.sigma_sci)
-    mask = pair.mask.copy()
-    radius = int(np.ceil(2 * max(pair.psf_ref.fwhm_px, pair.psf_sci.fwhm_px)))
-    for bit in (1, 2, 4, 8):
-        flagged = (pair.mask & bit) != 0
-        if flagged.any():
-            mask[dilate(flagged, radius)] |= bit
-    mask[:radius, :] |= MASK_EDGE
-    mask[-radius:, :] |= MASK_EDGE
-    mask[:, :radius] |= MASK_EDGE
-    mask[:, -radius:] |= MASK_EDGE
+    mask = footprint_flags(pair.mask, int(np.ceil(2 * max(pair.psf_ref.fwhm_px,
+                                                          pair.psf_sci.fwhm_px))))
     timings = dict(pair.timings_s)
     timings["gaussian"] = time.perf_counter() - t0
     return _finish(pair, images.diff, images.scorr, images.flux, images.flux_err, mask, ratio,

@@ -186,28 +186,12 @@ def _detect(work: np.ndarray, err: np.ndarray, bad: np.ndarray, thresh_sigma: fl
     return objects
 
 
-def aperture_photometry(data: np.ndarray, rms: np.ndarray | float, x: np.ndarray, y: np.ndarray,
-                        radius_px: float, mask: np.ndarray | None = None,
-                        gain: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Circular-aperture fluxes at ``(x, y)`` (0-based px) of a background-subtracted image.
-
-    Returns ``(flux, flux_err, flag_masked)``, each (N,): flux and error in ADU (error from
-    ``rms`` plus source Poisson noise when ``gain`` is given), and whether the aperture touches
-    a bad pixel or leaves the image.
-    """
-    data = np.asarray(data)
-    bad = bad_pixels(data, mask)
-    work = sep_array(np.where(bad, 0.0, data))
-    return _sum_circle(work, _error_map(rms, data.shape), sep_array(bad, np.uint8),
-                       np.asarray(x, float), np.asarray(y, float), radius_px, gain)
-
-
 def _sum_circle(work: np.ndarray, err: np.ndarray, bad_u8: np.ndarray, x: np.ndarray,
-                y: np.ndarray, radius_px: float, gain: float | None = None):
+                y: np.ndarray, radius_px: float):
     if x.size == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0, bool)
     flux, flux_err, flag = sep_nogil.sum_circle(work, x, y, radius_px, err=err, mask=bad_u8,
-                                                gain=gain, subpix=5)
+                                                subpix=5)
     flag_masked = (flag & (sep.APER_HASMASKED | sep.APER_TRUNC)) != 0
     return flux, flux_err, flag_masked
 

@@ -369,6 +369,20 @@ def _tile_value(value, sl) -> float:
     return float(np.median(value[sl][::4, ::4]))
 
 
+def footprint_flags(in_mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """A difference's output flags from its inputs' ``MASK_*`` flags: every bad bit dilated by
+    the kernel footprint (all at once, a box OR over the uint8 flags), ``MASK_EDGE`` within it
+    of the border, and any ``MASK_EDGE`` given."""
+    out = dilate(in_mask & np.uint8(MASK_BAD_ANY), radius_px)
+    border = max(radius_px, 1)
+    out[:border, :] |= MASK_EDGE
+    out[-border:, :] |= MASK_EDGE
+    out[:, :border] |= MASK_EDGE
+    out[:, -border:] |= MASK_EDGE
+    out |= in_mask & MASK_EDGE
+    return out
+
+
 def dilate(flags: np.ndarray, radius_px: int) -> np.ndarray:
     """Dilate a boolean image by a (2r+1)^2 box (outside the image counts as False); a uint8
     image of bit flags has each bit dilated (a bitwise OR over the box).
@@ -548,14 +562,7 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         if zp_center is None or (y0 <= h // 2 < y1 and x0 <= w // 2 < x1):
             zp_center = (zp_score, zp_diff)
 
-    # Every bad bit dilated by the kernel footprint at once: a box OR over the uint8 flags.
-    out_mask = dilate(in_mask & np.uint8(MASK_BAD_ANY), radius)
-    border = max(radius, 1)
-    out_mask[:border, :] |= MASK_EDGE
-    out_mask[-border:, :] |= MASK_EDGE
-    out_mask[:, :border] |= MASK_EDGE
-    out_mask[:, -border:] |= MASK_EDGE
-    out_mask |= in_mask & MASK_EDGE
+    out_mask = footprint_flags(in_mask, radius)
     return ZogyImages(diff=diff, scorr=scorr, flux=FluxMap(scorr, flux_err), flux_err=flux_err,
                       mask=out_mask, flux_zp_score=zp_center[0], flux_zp_diff=zp_center[1],
                       kernel_radius_px=radius)
