@@ -263,7 +263,18 @@ def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np
     fft_workers : int
         Threads for ``scipy.fft``.
     """
-    h, w = sci.shape
+    return _zogy_tile({"ref": ref, "sci": sci, "var_ref": var_ref, "var_sci": var_sci},
+                      psf_ref, psf_sci, sigma_ref=sigma_ref, sigma_sci=sigma_sci,
+                      flux_ratio=flux_ratio, sigma_x_px=sigma_x_px, sigma_y_px=sigma_y_px,
+                      fft_workers=fft_workers)
+
+
+def _zogy_tile(inputs: dict, psf_ref: np.ndarray, psf_sci: np.ndarray, *, sigma_ref: float,
+               sigma_sci: float, flux_ratio: float, sigma_x_px: float, sigma_y_px: float,
+               fft_workers: int) -> ZogyTile:
+    """:func:`zogy_tile` with its four inputs in a dict that it empties as it transforms them:
+    where the dict was their only reference, each tile-sized input is freed once used."""
+    h, w = inputs["sci"].shape
     # Zero padding by half a PSF keeps the circular convolution from wrapping one edge onto
     # the other.
     pad = max(psf_ref.shape[0], psf_sci.shape[0]) // 2
@@ -273,14 +284,46 @@ def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np
     fr, fn = 1.0, float(flux_ratio)
     astrometric = (sigma_x_px > 0) or (sigma_y_px > 0)
 
+    k_ref, k_sci, flux_zp_diff, flux_zp_score = zogy_kernels(
+        psf_ref, psf_sci, sigma_ref, sigma_sci, flux_ratio)
+    radius = kernel_radius_px(k_ref, k_sci)
+
+    # V(S) = V_r (x) k_r^2 + V_n (x) k_n^2: one inverse FFT for both terms. It comes first,
+    # before D and the scores exist: fewer tile-sized arrays are alive at once (each thread's
+    # tile is most of ZOGY's memory beyond its outputs).
+    # Squared kernels cropped to the PSF stamp: the weight beyond is negligible, and the small
+    # stamp keeps their transforms cheap.
+    half = max(psf_ref.shape[0], psf_sci.shape[0]) // 2
+    c = k_ref.shape[0] // 2
+    crop = np.s_[c - half:c + half + 1, c - half:c + half + 1]
+    kref2 = np.fft.fftshift(k_ref ** 2)[crop]
+    ksci2 = np.fft.fftshift(k_sci ** 2)[crop]
+    empty_sky = sigma_ref ** 2 * float(kref2.sum()) + sigma_sci ** 2 * float(ksci2.sum())
+    var_ref, var_sci = inputs.pop("var_ref"), inputs.pop("var_sci")
+    if var_ref is None and var_sci is None:
+        var_score = np.full((h, w), empty_sky, np.float32)
+    else:
+        if var_ref is None:
+            var_ref = np.full((h, w), sigma_ref ** 2, np.float32)
+        v_hat = sfft.rfft2(np.asarray(var_ref, np.float32), **kw)
+        del var_ref
+        if var_sci is None:
+            var_sci = np.full((h, w), sigma_sci ** 2, np.float32)
+        vn_hat = sfft.rfft2(np.asarray(var_sci, np.float32), **kw)
+        del var_sci
+        variance_spectrum(v_hat, stamp_rfft2(kref2, shape), vn_hat, stamp_rfft2(ksci2, shape))
+        del vn_hat
+        var_score = sfft.irfft2(v_hat, overwrite_x=True, **kw)[:h, :w]
+        del v_hat
+
     # The spectra are overwritten in place (fused passes, zogy_fused.score_spectra):
     # R-hat becomes D-hat, P_r-hat S-hat and N-hat S_N-hat, the score of the science image
     # alone, which the astrometric term needs (ZOGY eq. 30-31: the gradients of each input's
     # score, S_N and S_R = S_N - S, not of their difference).
     s_hat = stamp_rfft2(psf_ref, shape)
     pn_hat = stamp_rfft2(psf_sci, shape)
-    sn_hat = sfft.rfft2(np.asarray(sci, np.float32), **kw)
-    d_hat = sfft.rfft2(np.asarray(ref, np.float32), **kw)
+    sn_hat = sfft.rfft2(np.asarray(inputs.pop("sci"), np.float32), **kw)
+    d_hat = sfft.rfft2(np.asarray(inputs.pop("ref"), np.float32), **kw)
     score_spectra(s_hat, pn_hat, sn_hat, d_hat, f32(sigma_sci ** 2 * fr ** 2),
                   f32(sigma_ref ** 2 * fn ** 2), f32(fr), f32(fn), f32(_DEN2_FLOOR))
     del pn_hat
@@ -291,30 +334,6 @@ def zogy_tile(ref: np.ndarray, sci: np.ndarray, psf_ref: np.ndarray, psf_sci: np
     score_sci = sfft.irfft2(sn_hat, overwrite_x=True, **kw)[:h, :w] if astrometric else score
     del sn_hat
 
-    k_ref, k_sci, flux_zp_diff, flux_zp_score = zogy_kernels(
-        psf_ref, psf_sci, sigma_ref, sigma_sci, flux_ratio)
-    radius = kernel_radius_px(k_ref, k_sci)
-
-    # V(S) = V_r (x) k_r^2 + V_n (x) k_n^2: one inverse FFT for both terms.
-    # Squared kernels cropped to the PSF stamp: the weight beyond is negligible, and the small
-    # stamp keeps their transforms cheap.
-    half = max(psf_ref.shape[0], psf_sci.shape[0]) // 2
-    c = k_ref.shape[0] // 2
-    crop = np.s_[c - half:c + half + 1, c - half:c + half + 1]
-    kref2 = np.fft.fftshift(k_ref ** 2)[crop]
-    ksci2 = np.fft.fftshift(k_sci ** 2)[crop]
-    empty_sky = sigma_ref ** 2 * float(kref2.sum()) + sigma_sci ** 2 * float(ksci2.sum())
-    if var_ref is None and var_sci is None:
-        var_score = np.full((h, w), empty_sky, np.float32)
-    else:
-        vr = np.full((h, w), sigma_ref ** 2, np.float32) if var_ref is None else var_ref
-        vn = np.full((h, w), sigma_sci ** 2, np.float32) if var_sci is None else var_sci
-        v_hat = sfft.rfft2(np.asarray(vr, np.float32), **kw)
-        vn_hat = sfft.rfft2(np.asarray(vn, np.float32), **kw)
-        variance_spectrum(v_hat, stamp_rfft2(kref2, shape), vn_hat, stamp_rfft2(ksci2, shape))
-        del vn_hat
-        var_score = sfft.irfft2(v_hat, overwrite_x=True, **kw)[:h, :w]
-        del v_hat
     # Zero-variance regions (all inputs masked) must not divide by ~0: floor at 1e-3 of the
     # empty-sky value. Then the astrometric term.
     finish_variance(var_score, score, score_sci, f32(1e-3 * empty_sky), f32(sigma_x_px),
@@ -517,13 +536,13 @@ def zogy_images(ref: np.ndarray, sci: np.ndarray, psf_ref: PSFSource, psf_sci: P
         px0, px1 = max(0, x0 - overlap_px), min(w, x1 + overlap_px)
         sl = np.s_[py0:py1, px0:px1]
         xc, yc = 0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)
-        t_ref, t_sci, t_var_ref, t_var_sci = tile_inputs(sl)
-        tile = zogy_tile(
-            t_ref, t_sci, psf_ref_at(xc, yc), psf_sci_at(xc, yc),
+        # The dict is the inputs' only reference: each is freed once transformed.
+        tile = _zogy_tile(
+            dict(zip(("ref", "sci", "var_ref", "var_sci"), tile_inputs(sl), strict=True)),
+            psf_ref_at(xc, yc), psf_sci_at(xc, yc),
             sigma_ref=_tile_value(sigma_ref, sl), sigma_sci=_tile_value(sigma_sci, sl),
-            flux_ratio=flux_ratio, var_ref=t_var_ref, var_sci=t_var_sci,
-            sigma_x_px=sigma_x_px, sigma_y_px=sigma_y_px, fft_workers=workers)
-        del t_ref, t_sci, t_var_ref, t_var_sci
+            flux_ratio=flux_ratio, sigma_x_px=sigma_x_px, sigma_y_px=sigma_y_px,
+            fft_workers=workers)
         inner = np.s_[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
         out = np.s_[y0:y1, x0:x1]
         # S / F_S is the flux in reference units (F_r = 1); times F_n gives science ADU.
