@@ -305,7 +305,7 @@ def test_both_schedules_give_one_result_and_name_the_image_a_warning_is_about(
     noisy = pair.ref.data + np.random.default_rng(0).normal(0, 2 * np.std(pair.ref.data[:50]),
                                                             pair.ref.data.shape)
     if not side_by_side:
-        monkeypatch.setattr(high_level, "_SIDE_BY_SIDE_MAX_PIXELS", 0)
+        monkeypatch.setattr(high_level, "_LARGE_FRAME_PIXELS", 0)
     result = zogy(ref_hdu, sci_hdu)
     np.testing.assert_array_equal(result.scorr, expected.scorr)
     for name in ("reference", "science"):

@@ -231,9 +231,11 @@ class _Timer:
         self._t = now
 
 
-# Larger images have one background at a time, on all cores: both images' temporaries at once
-# would lift the peak memory (over 1 GB at 4096^2).
-_SIDE_BY_SIDE_MAX_PIXELS = 3072 ** 2
+# Frames larger than this are prepared with memory first: one background at a time, on all
+# cores (both images' temporaries at once would lift the peak over 1 GB at 4096^2), and freed
+# memory handed back to the OS between the stages. Smaller frames keep it for the next stage:
+# faulting it in again cost a 2048^2 pair 0.08 s of system time (20,000 page faults).
+_LARGE_FRAME_PIXELS = 3072 ** 2
 
 
 # Background noise (data units) that differencing handles: ZOGY fails from about 3e-11 and
@@ -257,9 +259,11 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     from astrid.diff.zogy_fused import pair_flags
 
     settings = settings or DiffSettings()
-    release_freed_memory()  # what an earlier pair left in the heap
     ref_img = parse_input_image(reference, name="reference")
     sci_img = parse_input_image(science, name="science")
+    large = max(sci_img.data.size, ref_img.data.size) > _LARGE_FRAME_PIXELS
+    if large:
+        release_freed_memory()  # what an earlier pair left in the heap
     check_filters(ref_img, sci_img, settings.allow_filter_mismatch)
     ref_name, sci_name = _label(ref_img, "reference"), _label(sci_img, "science")
     started_s = time.perf_counter()  # images in memory: the differencing clock starts here
@@ -267,7 +271,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     edge_px = settings.psf_size_px // 2 + 1
 
-    side_by_side = max(sci_img.data.size, ref_img.data.size) <= _SIDE_BY_SIDE_MAX_PIXELS
+    side_by_side = not large
 
     def background(img: Image, name: str):
         with _blame(name):
@@ -395,7 +399,8 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     del rms_sci
     var_ref = LazyVariance(ref, sigma_ref, ref_img.meta.gain, mask, MASK_BAD_ANY)
 
-    release_freed_memory()
+    if large:
+        release_freed_memory()
     return PreparedPair(
         sci=sci.astype(np.float32, copy=False), ref=ref, mask=mask,
         sigma_sci=sigma_sci, sigma_ref=sigma_ref, var_sci=var_sci, var_ref=var_ref,
