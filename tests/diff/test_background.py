@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sep
 
-from astrid.diff.background import estimate_background, variance_map
+from astrid.diff.background import estimate_background, measure_background, variance_map
 from astrid.errors import AstridError
 from astrid.fitsio import read_image
 
@@ -130,8 +130,6 @@ def test_mesh_estimator_gives_seps_numbers(shape, box):
 
 
 def test_parallel_estimate_and_fused_subtraction_match_the_maps():
-    from astrid.diff.background import measure_background
-
     image, _ = star_field((600, 520), n_stars=200, seed=4)
     mask = np.zeros(image.shape, bool)
     mask[50:60, :] = True
@@ -213,17 +211,42 @@ def test_lazy_variance_tile_equals_the_variance_map(rms, gain):
 
 
 @pytest.mark.parametrize("units", [1e-9, 1.0, 1e6])
-def test_lazy_variance_keeps_rms_maps_far_outside_half_precisions_range(units):
-    # Images in physical flux units (1e-9) or in millions of ADU: half precision alone would
-    # flush such an RMS map to 0 or infinity.
+def test_lazy_variance_is_exact_at_any_scale(units):
+    # Images in physical flux units (1e-9) or in millions of ADU: the variance is computed in
+    # single precision from the RMS as given, with nothing rounded to a narrower format.
     from astrid.diff.background import LazyVariance
 
     rng = np.random.default_rng(5)
     data = (rng.normal(0, 10, (200, 180)) * units).astype(np.float32)
     rms = ((rng.random(data.shape) * 3 + 8) * units).astype(np.float32)
     lazy = LazyVariance(data, rms, 2.0 / units, np.zeros(data.shape, np.uint8), 1)
-    # Half precision's 11 bits: the variance to 2 x 2^-11 of the RMS's square.
-    np.testing.assert_allclose(lazy[:, :], variance_map(data, rms, 2.0 / units), rtol=1e-3)
+    np.testing.assert_allclose(lazy[:, :], variance_map(data, rms, 2.0 / units), rtol=1e-6)
+
+
+def test_lazy_variance_from_the_background_mesh_equals_the_rms_map():
+    # ZOGY's science variance evaluates the RMS from the background mesh tile by tile (no
+    # full-size map kept): the same numbers as the map the mesh gives, and star stamps take
+    # the RMS at their centre (the mesh is flat on a stamp's scale).
+    from astrid.diff.background import LazyVariance
+
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[0:400, 0:360]
+    data = (rng.normal(0, 1, yy.shape) * (8 + 4 * xx / 360 + 2 * yy / 400)).astype(np.float32)
+    data[100:104, 200] = 3e4
+    mesh = measure_background(data, None)
+    _, rms_map = mesh.maps(data.shape)
+    mask = (rng.random(data.shape) < 0.01).astype(np.uint8)
+    lazy, from_map = (LazyVariance(data, rms, 1.5, mask, 1) for rms in (mesh, rms_map))
+    for window in (np.s_[:, :], np.s_[37:301, 5:333]):
+        np.testing.assert_array_equal(lazy[window], from_map[window])
+    iy, ix = np.array([101, 7, 390]), np.array([200, 300, 11])
+    np.testing.assert_allclose(lazy[iy, ix], from_map[iy, ix], rtol=1e-6)
+    stamps = lazy.stamps(iy[:2], ix[:2], 5)
+    for stamp, y, x in zip(stamps, iy[:2], ix[:2], strict=True):
+        window = np.s_[y - 5:y + 6, x - 5:x + 6]
+        expected = variance_map(data[window], rms_map[y, x], 1.5)
+        expected[mask[window] != 0] = 0
+        np.testing.assert_allclose(stamp, expected, rtol=1e-5)
 
 
 def test_nan_at_bad_copies_only_when_a_flagged_pixel_holds_a_number():
@@ -240,23 +263,6 @@ def test_nan_at_bad_copies_only_when_a_flagged_pixel_holds_a_number():
     assert nan_at_bad(data, mask) is data  # already NaN there: no copy
     data[0, 0] = np.inf
     assert np.isnan(nan_at_bad(data, mask)[0, 0])
-
-
-def test_half_precision_bits_equal_numpys_rounding():
-    # LazyVariance stores RMS maps as float16 bits made by a compiled loop: they must be
-    # NumPy's, value for value, over every kind of float32 (random bit patterns).
-    from astrid.diff.background import _half_bits
-
-    rng = np.random.default_rng(11)
-    values = rng.integers(0, 2**32, size=(500, 400), dtype=np.uint64).astype(np.uint32) \
-        .view(np.float32)
-    values[0, :6] = [0.0, 65519.0, 65520.0, 2047.5, 2048.5, 2.98e-8]  # ties and limits
-    with np.errstate(over="ignore"):
-        expected = values.astype(np.float16)
-    got = _half_bits(values).view(np.float16)
-    finite = ~np.isnan(values)
-    np.testing.assert_array_equal(got[finite].view(np.uint16), expected[finite].view(np.uint16))
-    assert np.isnan(got[~finite]).all()
 
 
 @pytest.mark.parametrize("parallel", [False, True])

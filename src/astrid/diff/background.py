@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from astrid.diff.sky_mesh import _column_weights, _spline_row
 from astrid.errors import AstridError
 
 
@@ -314,15 +315,15 @@ class LazyVariance:
 
     Indexing (a tile slice, or fancy indices at star positions) returns
     ``variance_map(data[idx], rms[idx], gain)`` with 0 at bad pixels (``bad_bits`` set in
-    ``mask``, or data not finite): what ZOGY needs per tile, without holding two full-size
-    float32 maps (128 MB at 4096^2) for the whole run. :meth:`stamps` cuts it at many
-    positions at once.
+    ``mask``, or data not finite): what ZOGY needs per tile, without holding full-size
+    variance maps for the whole run. :meth:`stamps` cuts it at many positions at once.
 
     Parameters
     ----------
     data : (H, W) background-subtracted image, ADU.
-    rms : (H, W) background RMS map in ADU (kept in half precision, 0.05%: plenty for a
-        smooth noise map), or a scalar.
+    rms : the background RMS in ADU: the :class:`BackgroundMesh` it was measured with
+        (evaluated where indexed, so no full-size RMS map is kept: 64 MB at 4096^2), an
+        (H, W) map, or a scalar.
     gain : electrons per ADU, or None (no source term).
     mask, bad_bits : uint8 flag map and the bits that make a pixel bad.
     """
@@ -332,126 +333,88 @@ class LazyVariance:
         self.data, self.mask, self.shape = data, mask, data.shape
         self.bad_bits = np.uint8(bad_bits)
         self.inv_gain = np.float32(1.0 / gain if gain is not None and gain > 0 else 0.0)
-        # The compiled passes read the RMS as codes into a table (numba has no float16):
-        # the bits of the half-precision map, or code 0 everywhere for a scalar.
-        if np.ndim(rms) and np.asarray(rms).dtype == np.float16:
-            self.rms_codes, self.rms_table = np.asarray(rms).view(np.uint16), _HALF_TO_SINGLE
-        elif np.ndim(rms):
-            # Half precision spans 6e-5 to 65504: a map outside that (images in physical flux
-            # units, or in the millions of ADU) is stored divided by a power of two, which the
-            # table multiplies back (both exact).
-            rms = np.ascontiguousarray(rms, np.float32)
-            scale = _half_range_scale(rms)
-            self.rms_codes = _half_bits(rms if scale == 1 else rms / scale)
-            with np.errstate(invalid="ignore"):  # the table's signalling NaNs stay NaN
-                self.rms_table = _HALF_TO_SINGLE if scale == 1 else _HALF_TO_SINGLE * scale
+        self.mesh = rms if isinstance(rms, BackgroundMesh) else None
+        if self.mesh is not None:
+            self.mesh_rows, self.mesh_cols = _mesh_coordinates(data.shape, rms.step, rms.box)
         else:
-            self.rms_codes = np.broadcast_to(np.uint16(0), data.shape)  # stride 0: no memory
-            self.rms_table = np.array([rms], np.float32)
+            self.rms = np.asarray(rms) if np.ndim(rms) else np.float32(rms)
+
+    def _rms(self, idx) -> np.ndarray:
+        """The float32 RMS at ``idx`` (fancy indices, or a window without a mesh)."""
+        if self.mesh is None:
+            if np.ndim(self.rms):
+                return np.asarray(self.rms[idx], np.float32)
+            return np.broadcast_to(self.rms, self.data[idx].shape)
+        from astrid.diff import sky_mesh
+
+        iy, ix = np.broadcast_arrays(*(np.asarray(i) for i in idx))
+        out = np.empty(iy.shape, np.float32)
+        sky_mesh.evaluate_points(self.mesh.sigma, self.mesh.sigma_d2,
+                                 self.mesh_rows[iy.ravel()], self.mesh_cols[ix.ravel()],
+                                 out.reshape(-1))
+        return out
 
     def __getitem__(self, idx) -> np.ndarray:
         data = self.data[idx]
         out = np.empty(data.shape, np.float32)
+        if self.mesh is not None and _is_window(idx):
+            # The RMS row by row from the mesh's spline: no window-sized RMS array.
+            _mesh_variance_into(data, self.mesh.sigma, self.mesh.sigma_d2,
+                                self.mesh_rows[idx[0]], self.mesh_cols[idx[1]],
+                                self.inv_gain, self.mask[idx], self.bad_bits, out)
+            return out
         rows = (-1, data.shape[-1]) if data.ndim else (1, 1)  # any shape as rows of pixels
-        _variance_into(data.reshape(rows), self.rms_codes[idx].reshape(rows), self.rms_table,
-                       self.inv_gain, self.mask[idx].reshape(rows), self.bad_bits,
-                       out.reshape(rows))
+        _variance_into(data.reshape(rows), self._rms(idx).reshape(rows), self.inv_gain,
+                       self.mask[idx].reshape(rows), self.bad_bits, out.reshape(rows))
         return out
 
     def stamps(self, y: np.ndarray, x: np.ndarray, half: int) -> np.ndarray:
         """(N, 2 half + 1, 2 half + 1) stamps of the map centred on integer pixels ``(y, x)``
-        (all at least ``half`` from the border)."""
+        (all at least ``half`` from the border). With a mesh, each stamp takes the RMS at
+        its centre: the mesh's cells are tens of pixels, so it is flat across a stamp."""
         n, size = len(y), 2 * half + 1
         out = np.empty((n * size, size), np.float32)
+        centres = self._rms((np.asarray(y), np.asarray(x))) if self.mesh is not None \
+            else None
         for k, (yc, xc) in enumerate(zip(y, x, strict=True)):
             window = np.s_[yc - half:yc + half + 1, xc - half:xc + half + 1]
-            _variance_into(self.data[window], self.rms_codes[window], self.rms_table,
-                           self.inv_gain, self.mask[window], self.bad_bits,
-                           out[k * size:(k + 1) * size])
+            rms = np.broadcast_to(centres[k], (size, size)) if centres is not None \
+                else self._rms(window)
+            _variance_into(self.data[window], rms, self.inv_gain, self.mask[window],
+                           self.bad_bits, out[k * size:(k + 1) * size])
         return out.reshape(n, size, size)
 
 
-def _half_range_scale(rms: np.ndarray) -> np.float32:
-    """1, or the power of two near the map's median RMS when that lies outside 2^-6 .. 2^10
-    (where half precision keeps the whole map, its faint and bright ends included)."""
-    sample = rms[::16, ::16]
-    sample = sample[np.isfinite(sample) & (sample > 0)]
-    if sample.size == 0:
-        return np.float32(1.0)
-    exponent = int(np.round(np.log2(np.median(sample))))
-    return np.float32(1.0 if -6 <= exponent <= 10 else 2.0 ** exponent)
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _half_bits(values):  # pragma: no cover (compiled)
-    """The float16 bit patterns of float32 ``values`` (round to nearest even, as NumPy's
-    ``astype(np.float16)``, which takes 77 ms for a 4k map).
-
-    Each row is converted as if every value were in float16's normal range (a loop that
-    vectorises), then the few that are not (zero, tiny, huge, inf, NaN) are redone one by one.
-    """
-    bits = values.view(np.uint32)
-    out = np.empty(values.shape, np.uint16)
-    for i in numba.prange(values.shape[0]):
-        row, dest = bits[i], out[i]
-        unusual = False
-        for j in range(row.size):
-            f = row[j]
-            biased = (f >> 23) & 0xFF
-            unusual |= (biased < 113) | (biased > 142)  # float16 exponent outside 1..30
-            half = ((f >> 16) & 0x8000) | ((biased - 112) << 10) | ((f & 0x7FFFFF) >> 13)
-            rest = f & 0x1FFF
-            half += (rest > 0x1000) | ((rest == 0x1000) & (half & 1))  # a carry rounds up
-            dest[j] = half
-        if unusual:
-            for j in range(row.size):
-                biased = (row[j] >> 23) & 0xFF
-                if biased < 113 or biased > 142:
-                    dest[j] = _half_bits_unusual(row[j])
-    return out
-
-
 @numba.njit(cache=True, nogil=True)
-def _half_bits_unusual(f):  # pragma: no cover (compiled)
-    """float16 bits of a float32 (as uint32 bits) outside float16's normal range."""
-    sign = (f >> 16) & 0x8000
-    biased = (f >> 23) & 0xFF
-    mant = f & 0x7FFFFF
-    exp = np.int64(biased) - 112
-    if biased == 0xFF:  # inf, NaN (kept quiet)
-        return sign | 0x7C00 | (0x200 if mant else 0)
-    if exp >= 31:  # too large: inf
-        return sign | 0x7C00
-    if exp < -10:  # below half the smallest subnormal: zero
-        return sign
-    mant |= 0x800000  # subnormal
-    shift = 14 - exp
-    half = mant >> shift
-    rest, halfway = mant & ((1 << shift) - 1), 1 << (shift - 1)
-    if rest > halfway or (rest == halfway and (half & 1)):
-        half += 1
-    return sign | half
-
-
-# float16 bits -> float32, for the compiled passes (numba has no float16).
-_HALF_TO_SINGLE = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16) \
-    .astype(np.float32)
-
-
-@numba.njit(cache=True, nogil=True)
-def _variance_into(data, rms_codes, rms_table, inv_gain, mask, bad_bits,
-                   out):  # pragma: no cover (compiled)
+def _variance_into(data, rms, inv_gain, mask, bad_bits, out):  # pragma: no cover (compiled)
     """``variance_map`` (rms^2 + max(data, 0) / gain) into ``out``, 0 at bad or non-finite
-    pixels; the RMS is ``rms_table[rms_codes]``, ``inv_gain`` 0 for no source term."""
-    h, w = data.shape
+    pixels; ``inv_gain`` 0 for no source term."""
+    for i in range(data.shape[0]):
+        _variance_row(data[i], rms[i], inv_gain, mask[i], bad_bits, out[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _mesh_variance_into(data, sigma, sigma_d2, rows, cols, inv_gain, mask, bad_bits,
+                        out):  # pragma: no cover (compiled)
+    """:func:`_variance_into` with the RMS of each row evaluated from the mesh's spline
+    (``sigma``, ``sigma_d2``) at mesh coordinates ``rows`` x ``cols``."""
+    nx = sigma.shape[1]
+    nodes, node_d2, scratch = np.empty(nx), np.empty(nx), np.empty(nx)
+    weights, starts = _column_weights(nx, cols)
+    rms = np.empty(cols.size, np.float32)
+    for i in range(data.shape[0]):
+        _spline_row(sigma, sigma_d2, rows[i], weights, starts, nodes, node_d2, scratch, rms)
+        _variance_row(data[i], rms, inv_gain, mask[i], bad_bits, out[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _variance_row(d, r, inv_gain, m, bad_bits, o):  # pragma: no cover (compiled)
     zero = np.float32(0.0)
-    rms = np.empty(w, np.float32)
-    for i in range(h):
-        d, c, m, o = data[i], rms_codes[i], mask[i], out[i]
-        # The table look-ups first, then a branch-free loop that vectorises (3x faster).
-        for j in range(w):
-            rms[j] = rms_table[c[j]]
-        for j in range(w):
-            v = rms[j] * rms[j] + max(d[j], zero) * inv_gain
-            good = ((m[j] & bad_bits) == 0) & np.isfinite(v) & np.isfinite(d[j])
-            o[j] = v if good else zero
+    for j in range(d.size):  # branch-free: the loop vectorises
+        v = r[j] * r[j] + max(d[j], zero) * inv_gain
+        good = ((m[j] & bad_bits) == 0) & np.isfinite(v) & np.isfinite(d[j])
+        o[j] = v if good else zero
+
+
+def _is_window(idx) -> bool:
+    return isinstance(idx, tuple) and len(idx) == 2 and all(isinstance(i, slice) for i in idx)

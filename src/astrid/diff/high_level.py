@@ -279,7 +279,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     def stars_of(img: Image, name: str, subtracted):
         with _blame(name):
-            data, rms, _, saturation = subtracted
+            data, rms, _, saturation, _ = subtracted
             return find_stars(data, rms, img.mask, saturation=saturation, edge_px=edge_px)
 
     def background_and_stars(img: Image, name: str):
@@ -290,7 +290,7 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         if len(stars) == 0:
             raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
                                            "flux ratio)")
-        data, rms, _, saturation = subtracted
+        data, rms, _, saturation, _ = subtracted
         return _measured_psf(sci_name, data, rms, sci_img.mask, settings, stars, saturation)
 
     # The science PSF needs only the science image and its stars, so it is measured while the
@@ -316,7 +316,9 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
             psf_sci, ref_stars_native = _side_by_side(
                 partial(science_psf, sci_bkg, sci_stars),
                 partial(stars_of, ref_img, ref_name, ref_bkg))
-    (sci, rms_sci, sigma_sci, _), (ref_native, rms_ref, sigma_ref, _) = sci_bkg, ref_bkg
+    # The reference's RMS map is not kept (64 MB at 4096^2, where the alignment is the peak
+    # of the preparation's memory): its stars are found and it is aligned by them.
+    (sci, rms_sci, sigma_sci, _, sci_mesh), (ref_native, _, sigma_ref, _, _) = sci_bkg, ref_bkg
     del sci_bkg, ref_bkg
     for name, sigma in ((sci_name, sigma_sci), (ref_name, sigma_ref)):
         if not _NOISE_RANGE[0] <= sigma <= _NOISE_RANGE[1]:
@@ -329,13 +331,13 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     with _blame(ref_name):
         alignment = align_reference(
             ref_native, ref_img.wcs, sci.shape, sci_img.wcs, ref_mask=ref_img.mask,
-            sci_data=sci, sci_mask=sci_img.mask, sci_rms=rms_sci, ref_rms=rms_ref,
+            sci_data=sci, sci_mask=sci_img.mask, sci_rms=rms_sci,
             min_overlap=settings.min_overlap, sci_stars=sci_stars, ref_stars=ref_stars_native)
     if alignment.overlap < settings.min_overlap:
         raise InputFileError(ref_name, f"overlaps only {alignment.overlap:.0%} of the science "
                                        f"image {sci_name} (need {settings.min_overlap:.0%})")
     ref = np.asarray(alignment.ref_on_sci, np.float32)
-    del ref_native, rms_ref  # bounded memory: only the science-grid reference is kept
+    del ref_native  # bounded memory: only the science-grid reference is kept
     timer.lap("align")
 
     # The flags of both images on the science grid, in one compiled pass: science bad or
@@ -393,9 +395,9 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
     median_ratio = float(np.nanmedian(r[np.isfinite(r) & (f_ref > 0)]))
     timer.lap("flux_ratio")
 
-    # LazyVariance keeps the RMS map in half precision (0.05%: plenty for a smooth noise map),
-    # which halves what ZOGY keeps.
-    var_sci = LazyVariance(sci, rms_sci, sci_img.meta.gain, mask, MASK_BAD_ANY)
+    # The science variance takes its RMS from the background mesh where it is needed (per
+    # tile): ZOGY keeps no full-size RMS or variance map.
+    var_sci = LazyVariance(sci, sci_mesh, sci_img.meta.gain, mask, MASK_BAD_ANY)
     del rms_sci
     var_ref = LazyVariance(ref, sigma_ref, ref_img.meta.gain, mask, MASK_BAD_ANY)
 
@@ -504,16 +506,17 @@ def _stars_on_science_grid(stars: pd.DataFrame, alignment, ref_wcs, sci_wcs,
 
 
 def _subtract_background(img: Image, parallel: bool = False):
-    """Background-subtracted data (NaN at bad pixels), RMS map, global sigma and saturation
-    level above the background, the subtraction done as the level is evaluated (no
-    full-size level map is ever made); ``parallel`` as for ``measure_background``."""
+    """Background-subtracted data (NaN at bad pixels), RMS map, global sigma, saturation
+    level above the background and the BackgroundMesh, the subtraction done as the level is
+    evaluated (no full-size level map is ever made); ``parallel`` as for
+    ``measure_background``."""
     from astrid.diff.background import measure_background
 
     mesh = measure_background(img.data, img.mask, parallel=parallel)
     data, rms = mesh.subtract(img.data, img.mask, parallel=parallel)
     saturation = None if img.meta.saturation is None \
         else float(img.meta.saturation - mesh.level_median)
-    return data, rms, float(mesh.sigma_adu), saturation
+    return data, rms, float(mesh.sigma_adu), saturation, mesh
 
 
 class _blame:

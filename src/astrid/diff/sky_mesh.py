@@ -350,6 +350,18 @@ def evaluate_into(values, d2, rows, cols, out):  # pragma: no cover (compiled)
         _spline_row(values, d2, rows[r], weights, starts, nodes, node_d2, scratch, out[r])
 
 
+@numba.njit(cache=True, nogil=True)
+def evaluate_points(values, d2, rows, cols, out):  # pragma: no cover (compiled)
+    """The bicubic spline through the mesh at the points ``(rows[k], cols[k])``, into
+    ``out`` (float32, ``(rows.size,)``)."""
+    nx = values.shape[1]
+    nodes, node_d2, scratch = np.empty(nx), np.empty(nx), np.empty(nx)
+    for k in range(rows.size):
+        weights, starts = _column_weights(nx, cols[k:k + 1])
+        _spline_row(values, d2, rows[k], weights, starts, nodes, node_d2, scratch,
+                    out[k:k + 1])
+
+
 def evaluate(values, d2, rows, cols) -> np.ndarray:
     """:func:`evaluate_into` a new array. numpy allocates it: numpy asks the kernel for huge
     pages, numba's allocator does not, and faulting in a 64 MB map page by page costs
