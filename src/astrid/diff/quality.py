@@ -167,17 +167,20 @@ def _add_convolved(stamps, flipped, off_y, off_x, out):  # pragma: no cover (com
     """``out[n, p] +=`` the 'valid' convolution of ``stamps[n]`` with a kernel (given
     flipped) at output pixel ``(off_y[p], off_x[p])``."""
     k = flipped.shape[0]
+    partial = np.empty(k, np.float32)
     for n in range(stamps.shape[0]):
         stamp = stamps[n]
         for p in range(off_y.size):
             y0, x0 = off_y[p], off_x[p]
-            total = np.float32(0.0)  # float32 and fastmath: the inner loop vectorises
+            # Column sums first, reduced once at the end: a reduction per kernel row cost
+            # 1.6x more. float32 and fastmath: the inner loop vectorises.
+            partial[:] = 0.0
             for a in range(k):
                 # Sliced so the loop indexes from 0: no wraparound check, so it vectorises.
                 row, kr = stamp[y0 + a, x0:x0 + k], flipped[a]
                 for b in range(k):
-                    total += row[b] * kr[b]
-            out[n, p] += total
+                    partial[b] += row[b] * kr[b]
+            out[n, p] += partial.sum()
 
 
 @numba.njit(cache=True, nogil=True)
