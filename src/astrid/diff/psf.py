@@ -345,8 +345,11 @@ def _stack(image: _Image, rms_map: np.ndarray, stars: pd.DataFrame,
     if others is not None and len(others.xy) > 1:
         _mask_neighbours(holes, x, y, ix, iy, stars["flux"].to_numpy()[ok] if ok.sum() else
                          stars["flux"].to_numpy(), others, fwhm0)
-    cut = fourier_shift(np.nan_to_num(cut), ix - x, iy - y)
-    holes = fourier_shift(holes.astype(np.float32), ix - x, iy - y) > 0.01
+    # The cutouts and their hole masks shifted alike, in one batch of transforms.
+    n = len(cut)
+    shifted = fourier_shift(np.concatenate([np.nan_to_num(cut), holes.astype(np.float32)]),
+                            np.tile(ix - x, 2), np.tile(iy - y, 2))
+    cut, holes = shifted[:n], shifted[n:] > 0.01
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
     r = np.hypot(xx, yy)
     aperture = r <= max(3.0, 2.0 * fwhm0)
