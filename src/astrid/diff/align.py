@@ -244,14 +244,13 @@ def _refine(sci_stars: pd.DataFrame, ref_stars: pd.DataFrame, ref_wcs: WCS | Non
 
     Returns (affine (2, 3), rms_px, sigma_x_px, sigma_y_px, n_used).
     """
-    sci = _astrometric_stars(sci_stars).nlargest(max_stars, "flux")
-    ref = _astrometric_stars(ref_stars).nlargest(max_stars, "flux")
-    if len(sci) < min_matches or len(ref) < min_matches:
+    sx, sy = _astrometric_stars(sci_stars, max_stars)
+    rx, ry = _astrometric_stars(ref_stars, max_stars)
+    if len(sx) < min_matches or len(rx) < min_matches:
         return None
-    sx, sy = sci["x"].to_numpy(), sci["y"].to_numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        px, py = _ref_to_sci(ref["x"].to_numpy(), ref["y"].to_numpy(), ref_wcs, sci_wcs)
+        px, py = _ref_to_sci(rx, ry, ref_wcs, sci_wcs)
     ok = np.isfinite(px) & np.isfinite(py)
     pred = np.column_stack([px, py])[ok]
     xy_sci = np.column_stack([sx, sy])
@@ -284,15 +283,20 @@ def _refine(sci_stars: pd.DataFrame, ref_stars: pd.DataFrame, ref_wcs: WCS | Non
     return affine, float(np.hypot(sigma_x, sigma_y)), sigma_x, sigma_y, len(resid)
 
 
-def _astrometric_stars(stars: pd.DataFrame, snr_min: float = 8.0) -> pd.DataFrame:
-    """Sources whose centroids can be trusted: unsaturated, unmasked, S/N >= ``snr_min``.
+def _astrometric_stars(stars: pd.DataFrame, max_stars: int,
+                       snr_min: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the ``max_stars`` brightest sources whose centroids can be trusted
+    (unsaturated, unmasked, S/N >= ``snr_min``), brightest first.
 
     Unlike photometry, astrometry tolerates neighbours and the image edge, and small fields
-    need every usable star.
+    need every usable star. In NumPy: pandas' selection and ``nlargest`` took 6 ms a list.
     """
-    keep = (~stars["flag_saturated"].astype(bool) & ~stars["flag_masked"].astype(bool)
-            & (stars["snr"] >= snr_min))
-    return stars[keep]
+    keep = np.flatnonzero(~stars["flag_saturated"].to_numpy(bool)
+                          & ~stars["flag_masked"].to_numpy(bool)
+                          & (stars["snr"].to_numpy() >= snr_min))
+    # A stable sort keeps equal fluxes in catalogue order, as nlargest does.
+    order = keep[np.argsort(-stars["flux"].to_numpy()[keep], kind="stable")[:max_stars]]
+    return stars["x"].to_numpy(float)[order], stars["y"].to_numpy(float)[order]
 
 
 def _bulk_offset(xy_sci: np.ndarray, pred: np.ndarray, search_px: float, min_votes: int,
