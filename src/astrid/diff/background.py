@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from astrid.diff.sky_mesh import _column_weights, _spline_row
+from astrid.diff.sky_mesh import _column_weights, _spline_row, evaluate_points
 from astrid.errors import AstridError
 
 
@@ -345,13 +345,10 @@ class LazyVariance:
             if np.ndim(self.rms):
                 return np.asarray(self.rms[idx], np.float32)
             return np.broadcast_to(self.rms, self.data[idx].shape)
-        from astrid.diff import sky_mesh
-
         iy, ix = np.broadcast_arrays(*(np.asarray(i) for i in idx))
         out = np.empty(iy.shape, np.float32)
-        sky_mesh.evaluate_points(self.mesh.sigma, self.mesh.sigma_d2,
-                                 self.mesh_rows[iy.ravel()], self.mesh_cols[ix.ravel()],
-                                 out.reshape(-1))
+        evaluate_points(self.mesh.sigma, self.mesh.sigma_d2, self.mesh_rows[iy.ravel()],
+                        self.mesh_cols[ix.ravel()], out.reshape(-1))
         return out
 
     def __getitem__(self, idx) -> np.ndarray:
@@ -409,6 +406,7 @@ def _mesh_variance_into(data, sigma, sigma_d2, rows, cols, inv_gain, mask, bad_b
 
 @numba.njit(cache=True, nogil=True)
 def _variance_row(d, r, inv_gain, m, bad_bits, o):  # pragma: no cover (compiled)
+    """One row of :func:`_variance_into` (data ``d``, RMS ``r``, flags ``m``, out ``o``)."""
     zero = np.float32(0.0)
     for j in range(d.size):  # branch-free: the loop vectorises
         v = r[j] * r[j] + max(d[j], zero) * inv_gain
