@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial, wraps
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -279,8 +280,8 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
 
     def stars_of(img: Image, name: str, subtracted):
         with _blame(name):
-            data, rms, _, saturation, _ = subtracted
-            return find_stars(data, rms, img.mask, saturation=saturation, edge_px=edge_px)
+            return find_stars(subtracted.data, subtracted.rms, img.mask,
+                              saturation=subtracted.saturation, edge_px=edge_px)
 
     def background_and_stars(img: Image, name: str):
         subtracted = background(img, name)
@@ -290,8 +291,8 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
         if len(stars) == 0:
             raise InputFileError(sci_name, "no stars detected (need stars for the PSF and the "
                                            "flux ratio)")
-        data, rms, _, saturation, _ = subtracted
-        return _measured_psf(sci_name, data, rms, sci_img.mask, settings, stars, saturation)
+        return _measured_psf(sci_name, subtracted.data, subtracted.rms, sci_img.mask, settings,
+                             stars, subtracted.saturation)
 
     # The science PSF needs only the science image and its stars, so it is measured while the
     # reference's stars are still being found: the PSF stacks and fits hold the GIL much of the
@@ -318,7 +319,8 @@ def prepare_pair(reference, science, settings: DiffSettings | None = None) -> Pr
                 partial(stars_of, ref_img, ref_name, ref_bkg))
     # The reference's RMS map is not kept (64 MB at 4096^2, where the alignment is the peak
     # of the preparation's memory): its stars are found and it is aligned by them.
-    (sci, rms_sci, sigma_sci, _, sci_mesh), (ref_native, _, sigma_ref, _, _) = sci_bkg, ref_bkg
+    sci, rms_sci, sigma_sci, sci_mesh = sci_bkg.data, sci_bkg.rms, sci_bkg.sigma, sci_bkg.mesh
+    ref_native, sigma_ref = ref_bkg.data, ref_bkg.sigma
     del sci_bkg, ref_bkg
     for name, sigma in ((sci_name, sigma_sci), (ref_name, sigma_ref)):
         if not _NOISE_RANGE[0] <= sigma <= _NOISE_RANGE[1]:
@@ -505,9 +507,18 @@ def _stars_on_science_grid(stars: pd.DataFrame, alignment, ref_wcs, sci_wcs,
     return out.reset_index(drop=True)
 
 
-def _subtract_background(img: Image, parallel: bool = False):
-    """Background-subtracted data (NaN at bad pixels), RMS map, global sigma, saturation
-    level above the background and the BackgroundMesh, the subtraction done as the level is
+class _Subtracted(NamedTuple):
+    """An image with its background subtracted (see :func:`_subtract_background`)."""
+
+    data: np.ndarray  # background-subtracted, NaN at bad pixels
+    rms: np.ndarray  # background RMS map
+    sigma: float  # global noise per pixel
+    saturation: float | None  # saturation level above the background
+    mesh: object  # the BackgroundMesh both maps come from
+
+
+def _subtract_background(img: Image, parallel: bool = False) -> _Subtracted:
+    """The image with its background subtracted, the subtraction done as the level is
     evaluated (no full-size level map is ever made); ``parallel`` as for
     ``measure_background``."""
     from astrid.diff.background import measure_background
@@ -516,7 +527,7 @@ def _subtract_background(img: Image, parallel: bool = False):
     data, rms = mesh.subtract(img.data, img.mask, parallel=parallel)
     saturation = None if img.meta.saturation is None \
         else float(img.meta.saturation - mesh.level_median)
-    return data, rms, float(mesh.sigma_adu), saturation, mesh
+    return _Subtracted(data, rms, float(mesh.sigma_adu), saturation, mesh)
 
 
 class _blame:
